@@ -1,0 +1,622 @@
+"""Shared mechanisms of the pipeline: tensors, models, files and processes. No algorithms live here.
+
+The losses, selection rules, token scoring and step localization are in full view in their stages.
+This file holds what two or more stages share:
+
+  errors       fail(msg): one clear line on stderr and exit code 2 (bad input is never a traceback)
+  processes    dist_init / dist_teardown / print0 / all_reduce_sum: same code under python or torchrun
+  files        read_jsonl (file:line errors), atomic writes, ResumableJsonl (append + resume by id)
+  tokens       encode_prompt / encode_response (prompt and response tokenized apart, one BOS)
+  log-probs    token_logps: the one place where the label shift happens, chunked over the vocabulary
+  batches      collate_pairs: (prompt, chosen, rejected, weights) -> right-padded (2B, T) tensors
+  sampling     generate: batched, KV-cached, per-row seeded sampling with stop strings
+  models       load_model / load_tokenizer / save_model (safetensors only), shard_model (FSDP2)
+  training     adamw, lr_at, save_checkpoint / load_checkpoint (torch.distributed.checkpoint),
+               MetricsLog (JSONL + one '|' line per step), Progress (one updating line with ETA)
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import torch
+import torch.distributed as dist
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+def fail(msg: str):
+    """Stop on bad input: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes: every stage runs unchanged under `python` (world 1) or `torchrun` (gloo on CPU, nccl on GPU)
+
+
+def dist_init() -> tuple[int, int, torch.device]:
+    """Join the process group when launched by torchrun. Returns (rank, world, device)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, world = get_rank(), get_world()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def dist_teardown():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity in one process); used for metrics, never for gradients."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def seed_for(*parts) -> int:
+    """A stable 63-bit seed from any parts (seed, record id, sample index): independent of batch
+    composition, rank count and resume point, so the same --seed gives the same samples."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: JSONL in, atomic JSON/JSONL out, and append-and-resume for long stages
+
+
+def read_jsonl(path, required: dict | None = None) -> list[dict]:
+    """Read a JSONL file; `required` maps field -> type (or tuple of types) every record must have.
+    A missing file, an empty file, a malformed or torn line, or a missing / mistyped field stops
+    with one line naming file:line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{path}: no such file (run the stage that writes it, or pass the right path)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line")
+            if not isinstance(rec, dict):
+                fail(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            for field, typ in (required or {}).items():
+                if field not in rec:
+                    fail(f"{path}:{lineno}: missing field '{field}'")
+                if not isinstance(rec[field], typ) or isinstance(rec[field], bool) and typ is int:
+                    want = getattr(typ, "__name__", str(typ))
+                    fail(f"{path}:{lineno}: field '{field}' should be {want}, "
+                         f"got {type(rec[field]).__name__}")
+            records.append(rec)
+    if not records:
+        fail(f"{path}: empty file (no records); re-run the stage that writes it")
+    return records
+
+
+def _atomic_write_text(path, text: str):
+    """Write to a temp file in the same directory, fsync, then rename: readers see old or new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path, records):
+    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class ResumableJsonl:
+    """Append-only JSONL keyed by record id, for stages that run for hours.
+
+    Each record is written as one line with one write() and fsync, so after a kill the file holds
+    whole records plus at most one torn last line; opening the file again drops that tail and
+    `done` says which ids to skip. Under torchrun each rank appends to its own part file
+    (`<path>.part<rank>`); `merge` (rank 0, after a barrier) writes the final file atomically in
+    the order of `ids` and removes the parts.
+    """
+
+    def __init__(self, path, rank: int = 0):
+        self.path = Path(path)
+        self.part = self.path.with_name(f"{self.path.name}.part{rank}")
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        self.done = {}
+        for part in self.path.parent.glob(f"{self.path.name}.part*"):
+            self._load(part, truncate=part == self.part)
+        if self.path.exists():  # a finished earlier run: everything in it is done
+            for rec in read_jsonl(self.path):
+                self.done[rec["id"]] = rec
+        self._f = open(self.part, "a", encoding="utf-8")
+
+    def _load(self, part: Path, truncate: bool):
+        good = 0  # byte offset after the last whole line
+        with open(part, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                self.done[rec["id"]] = rec
+                good += len(line)
+        if truncate and part.stat().st_size != good:
+            os.truncate(part, good)
+
+    def append(self, rec: dict):
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.done[rec["id"]] = rec
+
+    def merge(self, ids: list[str]) -> list[dict]:
+        """Rank 0 only: collect every rank's records, write the final file in `ids` order."""
+        self._f.close()
+        for part in self.path.parent.glob(f"{self.path.name}.part*"):
+            self._load(part, truncate=False)
+        missing = [i for i in ids if i not in self.done]
+        if missing:
+            raise RuntimeError(f"{self.path}: {len(missing)} records missing after merge")
+        records = [self.done[i] for i in ids]
+        write_jsonl(self.path, records)
+        for part in self.path.parent.glob(f"{self.path.name}.part*"):
+            part.unlink()
+        return records
+
+    def close(self):
+        self._f.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens: prompt and response are tokenized apart and their ids concatenated (never the joined
+# string), so the ids a weight was computed for are the ids the trainer sees.
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """Prompt ids with exactly one BOS where the tokenizer has one (chat templates often carry it
+    in the text already, so we never let the tokenizer add a second)."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    bos = tok.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
+def encode_response(tok, text: str, eos: bool) -> list[int]:
+    """Response ids, no BOS; EOS appended for full solutions (a Step-DPO step is not an ending)."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    return ids + [tok.eos_token_id] if eos else ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probs
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(z)[y] = z[y] - logsumexp(z), computed a few positions at a time in float32.
+
+    Forward keeps only the (B, T-1) result; backward rebuilds softmax chunk by chunk from the
+    logits: d/dz (z[y] - lse(z)) = onehot(y) - softmax(z). Peak memory beyond the logits is one
+    float32 chunk, never a float32 (B, T, V) copy.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk):  # logits (B, T-1, V), targets (B, T-1)
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for s in range(0, targets.shape[1], chunk):
+            z = logits[:, s:s + chunk].float()  # (B, c, V)
+            tgt = targets[:, s:s + chunk, None]
+            out[:, s:s + chunk] = z.gather(-1, tgt).squeeze(-1) - torch.logsumexp(z, -1)
+            del z
+        ctx.save_for_backward(logits, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (B, T-1)
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, targets.shape[1], ctx.chunk):
+            g_out = grad_out[:, s:s + ctx.chunk, None].float()  # (B, c, 1)
+            g = torch.softmax(logits[:, s:s + ctx.chunk].float(), -1).mul_(-g_out)  # (B, c, V)
+            g.scatter_add_(-1, targets[:, s:s + ctx.chunk, None], g_out)
+            grad[:, s:s + ctx.chunk] = g
+            del g
+        return grad, None, None
+
+
+def token_logps(model, input_ids, attention_mask, chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """Float32 log-prob of each next token given its prefix: out[b, t] = log p(x[b, t+1] | x[b, :t+1]).
+
+    input_ids, attention_mask: (B, T), 0/1 mask, left or right padding. Returns (B, T-1),
+    differentiable; positions whose target or context token is padding are 0. Position ids follow the mask, so a
+    sequence scores the same whatever padding its batch needs. This is the only label shift in
+    the project: callers mask and reduce (sum for DPO, weighted sum for cDPO, span for Step-DPO).
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids, use_cache=False).logits  # (B, T, V)
+    B, T, V = logits.shape
+    chunk = max(1, min(math.ceil((T - 1) / 8), chunk_elems // (B * V)))  # positions per chunk
+    logps = _ChunkedTokenLogps.apply(logits[:, :-1], input_ids[:, 1:], chunk)  # (B, T-1)
+    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # (B, T-1)
+    return torch.where(valid, logps, torch.zeros_like(logps))
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+
+
+def pad_right(seqs: list[list], value) -> torch.Tensor:
+    """(B, T) tensor of the sequences right-padded with `value`."""
+    T = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (T - len(s)) for s in seqs])
+
+
+def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
+    """Preference pairs -> one concatenated batch: rows 0..B-1 chosen, rows B..2B-1 rejected.
+
+    Each pair holds token ids `prompt_ids`, `chosen_ids`, `rejected_ids` and optionally per-token
+    `chosen_weights` / `rejected_weights` aligned one to one with the response ids. Response token
+    j sits at input position P+j (P = len(prompt_ids)); its log-prob is column P+j-1 of
+    token_logps, so its weight goes to that column. Returns input_ids, attention_mask (2B, T),
+    loss_mask and weights (2B, T-1), float32, zero outside the responses.
+    """
+    rows, loss_masks, weights = [], [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            prompt, resp = p["prompt_ids"], p[f"{side}_ids"]
+            w = p.get(f"{side}_weights") or [1.0] * len(resp)
+            assert len(w) == len(resp), f"{p.get('id')}: {side}_weights not aligned with ids"
+            rows.append(prompt + resp)
+            P = len(prompt)
+            loss_masks.append([0.0] * (P - 1) + [1.0] * len(resp))
+            weights.append([0.0] * (P - 1) + [float(x) for x in w])
+    input_ids = pad_right(rows, pad_id)
+    attention_mask = pad_right([[1] * len(r) for r in rows], 0)
+    T = input_ids.shape[1]
+    pad_t = lambda xs: torch.tensor([x + [0.0] * (T - 1 - len(x)) for x in xs])  # noqa: E731
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "loss_mask": pad_t(loss_masks), "weights": pad_t(weights)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _sample_rows(logits, temperature, top_p, gens):
+    """One next token per row. logits (B, V). Greedy when temperature == 0; otherwise nucleus
+    sampling, each row drawing from its own generator so rows do not depend on each other."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
+    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(gens)])
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
+             stop: tuple[str, ...] = ()) -> list[dict]:
+    """Continue each prompt (token ids, BOS included). Left padding + KV cache; a row stops at
+    EOS, at any stop string, or after max_new_tokens. Row i samples with its own generator seeded
+    by seeds[i], so its text does not depend on what else is in the batch.
+    Returns [{"ids": generated ids (EOS kept if produced), "text": decoded text cut at stop}]."""
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    gens = [torch.Generator(device).manual_seed(s) for s in (seeds or [0] * B)]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out, past = [[] for _ in range(B)], None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    longest_stop = max((len(s) for s in stop), default=0)
+    for _ in range(max_new_tokens):
+        res = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                    past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        nxt = _sample_rows(res.logits[:, -1], temperature, top_p, gens)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        for i in torch.nonzero(~done).flatten().tolist():
+            out[i].append(int(nxt[i]))
+            if out[i][-1] == tok.eos_token_id:
+                done[i] = True
+            elif stop and any(s in tok.decode(out[i][-longest_stop - 2:]) for s in stop):
+                done[i] = True
+        if done.all():
+            break
+        input_ids = nxt[:, None]  # (B, 1): the cache holds everything before it
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+        position_ids = position_ids[:, -1:] + 1
+    results = []
+    for ids in out:
+        text = tok.decode(ids, skip_special_tokens=True)
+        for s in stop:
+            text = text.split(s)[0]
+        results.append({"ids": ids, "text": text})
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: Hugging Face format, safetensors only
+
+
+def load_tokenizer(path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load tokenizer from '{path}': {str(e).splitlines()[0]}")
+    if tok.pad_token_id is None:  # Llama-3 has none; padding is always masked, EOS serves
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path, device="cpu", dtype=torch.float32, trust_remote_code: bool = False):
+    """An HF causal LM from a local dir or hub id. Pickle checkpoints (.bin/.pt) are refused:
+    loading them can execute code. trust_remote_code stays off unless a flag asks."""
+    from transformers import AutoModelForCausalLM
+    p = Path(path)
+    if p.is_dir() and not list(p.glob("*.safetensors")):
+        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+            fail(f"{path}: only pickle weights (.bin/.pt) found; convert them to safetensors")
+        fail(f"{path}: no model.safetensors in this directory (run the stage that writes it)")
+    if not p.exists() and (str(path).startswith((".", "/", "runs")) or str(path).count("/") > 1):
+        fail(f"model '{path}' not found (run the stage that writes it, or pass --model)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load model '{path}': {str(e).splitlines()[0]}")
+    return model.to(device)
+
+
+def decoder_layers(model):
+    """The list of transformer blocks (Llama, Qwen2, Mistral, DeepSeek: model.model.layers)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.layers
+
+
+def shard_model(model, device, bf16: bool = False, cpu_offload: bool = False,
+                activation_checkpointing: bool = False):
+    """FSDP2: fully_shard each decoder layer, then the root. Params stay float32 masters; with
+    --bf16 compute runs in bf16 and gradients are reduced in float32. In one process the model
+    is only moved to the device (sharding over one rank buys nothing)."""
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if get_world() == 1:
+        return model.to(device)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    kw = {}
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                               reduce_dtype=torch.float32)
+    if cpu_offload:  # pinned host memory exists only with CUDA
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    if not cpu_offload:
+        model.to(device)
+    return model
+
+
+def load_for_training(path, device, bf16=False, cpu_offload=False, activation_checkpointing=False,
+                      lora=None, trust_remote_code=False):
+    """The policy for 03/05/06. Under torchrun only rank 0 reads the checkpoint; other ranks build
+    the model on the meta device and receive their shards by broadcast, so 8 ranks never each hold
+    a 70B copy in host memory. `lora` is a peft.LoraConfig or None (full fine-tuning)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if get_world() == 1:
+        model = load_model(path, "cpu", torch.float32, trust_remote_code)
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                              set_model_state_dict)
+        full = load_model(path, "cpu", torch.float32, trust_remote_code) if get_rank() == 0 else None
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if lora is not None:
+        from peft import get_peft_model
+        torch.manual_seed(0)  # LoRA A init: same on every rank and run
+        model = get_peft_model(model, lora)
+        if get_world() > 1 and get_rank() == 0:
+            full = get_peft_model(full, lora)
+    model = shard_model(model, device, bf16, cpu_offload, activation_checkpointing)
+    if get_world() > 1:
+        sd = full.state_dict() if get_rank() == 0 else {}
+        set_model_state_dict(model, sd, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        if not cpu_offload:
+            model.to(device)
+        for buf_name, buf in model.named_buffers():  # rotary inv_freq etc. are not in state dicts
+            if buf.is_meta:
+                raise RuntimeError(f"buffer {buf_name} left on meta device")
+    return model
+
+
+def full_state_dict(model) -> dict:
+    """All parameters gathered to rank 0 on CPU (other ranks get {}); plain dict in one process."""
+    if get_world() == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+
+
+def save_model(model, tok, out_dir, extra: dict | None = None):
+    """Write an ordinary HF model dir (safetensors) on rank 0; LoRA adapters are merged first, so
+    later stages load a plain model. Writes into a temp dir and renames: a kill leaves no
+    half-written model."""
+    sd = full_state_dict(model)
+    if get_rank() == 0:
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(model, "peft_config"):  # rebuild on CPU, load adapters, merge
+            from peft import get_peft_model
+            from transformers import AutoModelForCausalLM
+            cpu = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32)
+            cpu = get_peft_model(cpu, model.peft_config["default"])
+            cpu.load_state_dict(sd)
+            cpu.merge_and_unload().save_pretrained(tmp)
+        else:
+            base.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if extra:
+            write_json(tmp / "training_config.json", extra)
+        if out_dir.exists():
+            import shutil
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training machinery
+
+
+def adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.999)):
+    """AdamW with decay on matrices only (norms, biases and LoRA-free 1-D params are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warmup over `warmup` steps, then cosine or linear decay to 0 at `total` steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    if schedule == "linear":
+        return peak * max(0.0, 1 - frac)
+    return peak  # constant
+
+
+def save_checkpoint(ckpt_dir, model, opt, step: int):
+    """Sharded torch.distributed.checkpoint of model + optimizer, plus each rank's RNG state.
+    The schedule is a pure function of `step` and the data order a pure function of the seed, so
+    (weights, moments, step, RNG) is everything --resume needs to continue exactly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    ckpt_dir = Path(ckpt_dir)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt_dir / f"step{step:06d}"))
+    torch.save(torch.get_rng_state(), ckpt_dir / f"step{step:06d}" / f"rng{get_rank()}.pt")
+    barrier()
+    if get_rank() == 0:
+        write_json(ckpt_dir / "latest.json", {"step": step})
+
+
+def load_checkpoint(ckpt_dir, model, opt) -> int:
+    """Restore the latest checkpoint in ckpt_dir; returns its step (0 when there is none)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    latest = Path(ckpt_dir) / "latest.json"
+    if not latest.exists():
+        return 0
+    step = json.loads(latest.read_text())["step"]
+    path = Path(ckpt_dir) / f"step{step:06d}"
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(torch.load(path / f"rng{get_rank()}.pt", weights_only=True))
+    return step
+
+
+class MetricsLog:
+    """One JSONL record and one '|'-separated log line per optimizer step (rank 0 writes).
+    Resuming keeps the records of steps before the resume point and drops the rest."""
+
+    def __init__(self, path, resume_step: int = 0):
+        self.path = Path(path)
+        if get_rank() == 0:
+            kept = []
+            if resume_step and self.path.exists():
+                kept = [r for r in read_jsonl(self.path) if r["step"] < resume_step]
+            write_jsonl(self.path, kept)
+
+    def log(self, rec: dict):
+        if get_rank() != 0:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        print(" | ".join(f"{k} {fmt(v)}" for k, v in rec.items()), flush=True)
+
+
+class Progress:
+    """A single updating stderr line: done/total, rate, ETA and any running figures (rank 0)."""
+
+    def __init__(self, total: int, unit: str = "it", every: float = 0.5):
+        self.total, self.unit, self.every = total, unit, every
+        self.start = self.last = time.time()
+        self.done = 0
+
+    def update(self, n: int = 1, **figures):
+        self.done += n
+        now = time.time()
+        if get_rank() != 0 or (now - self.last < self.every and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        extra = "".join(f" | {k} {v:.4g}" if isinstance(v, float) else f" | {k} {v}"
+                        for k, v in figures.items())
+        print(f"\r{self.done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
+              f"eta {eta:.0f}s{extra}   ", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if get_rank() == 0:
+            print(file=sys.stderr, flush=True)
