@@ -37,3 +37,16 @@ def tiny_llama(vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """A tiny toy world built once per test session by the real 00_toy.py (seconds, untrained
+    quality): <run>/00_toy/{model/, train.jsonl, dev.jsonl, test.jsonl}. Returns the run dir."""
+    import subprocess
+    run = tmp_path_factory.mktemp("toyrun")
+    cmd = [sys.executable, str(ROOT / "00_toy.py"), "--run-dir", str(run), "--n-train", "300",
+           "--n-test", "20", "--n-dev", "20", "--max-steps", "20", "--min-steps", "20",
+           "--hidden", "32", "--layers", "2", "--heads", "2"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return run
