@@ -8,10 +8,11 @@ This file holds what two or more stages share:
   files        read_jsonl (file:line errors), atomic writes, ResumableJsonl (append + resume by id)
   tokens       encode_prompt / encode_response (prompt and response tokenized apart, one BOS)
   log-probs    token_logps: the one place where the label shift happens, chunked over the vocabulary
-  batches      collate_pairs: (prompt, chosen, rejected, weights) -> right-padded (2B, T) tensors
+  batches      collate_pairs: (prompt, chosen, rejected, weights, reference log-probs) -> (2B, T)
   sampling     generate: batched, KV-cached, per-row seeded sampling with stop strings
   models       load_model / load_tokenizer / save_model (safetensors only), shard_model (FSDP2)
-  training     adamw, lr_at, save_checkpoint / load_checkpoint (torch.distributed.checkpoint),
+  training     add_training_args, adamw, lr_at, global_batch (seeded epochs), reference_logps,
+               clip_grad_norm, save_checkpoint / load_checkpoint (torch.distributed.checkpoint),
                MetricsLog (JSONL + one '|' line per step), Progress (one updating line with ETA)
 """
 import hashlib
@@ -234,6 +235,10 @@ def encode_response(tok, text: str, eos: bool) -> list[int]:
 # Log-probs
 
 
+def _spans(n: int, chunk: int):
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(z)[y] = z[y] - logsumexp(z), computed a few positions at a time in float32.
 
@@ -243,12 +248,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, chunk):  # logits (B, T-1, V), targets (B, T-1)
+    def forward(ctx, logits, targets, chunk):  # logits (B, T, V), targets (B, T-1)
+        # Position t scores targets[:, t] = input_ids[:, t+1]; the last position predicts nothing.
+        # Taking the full logits (not a logits[:, :-1] view) spares a (B, T, V) zero-fill in the
+        # slice's backward: our gradient is the only logits-sized buffer we add.
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-        for s in range(0, targets.shape[1], chunk):
-            z = logits[:, s:s + chunk].float()  # (B, c, V)
-            tgt = targets[:, s:s + chunk, None]
-            out[:, s:s + chunk] = z.gather(-1, tgt).squeeze(-1) - torch.logsumexp(z, -1)
+        for s, e in _spans(targets.shape[1], chunk):
+            z = logits[:, s:e].float()  # (B, c, V)
+            out[:, s:e] = z.gather(-1, targets[:, s:e, None]).squeeze(-1) - torch.logsumexp(z, -1)
             del z
         ctx.save_for_backward(logits, targets)
         ctx.chunk = chunk
@@ -257,12 +264,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (B, T-1)
         logits, targets = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for s in range(0, targets.shape[1], ctx.chunk):
-            g_out = grad_out[:, s:s + ctx.chunk, None].float()  # (B, c, 1)
-            g = torch.softmax(logits[:, s:s + ctx.chunk].float(), -1).mul_(-g_out)  # (B, c, V)
-            g.scatter_add_(-1, targets[:, s:s + ctx.chunk, None], g_out)
-            grad[:, s:s + ctx.chunk] = g
+        grad = torch.empty_like(logits)  # (B, T, V)
+        grad[:, -1] = 0
+        for s, e in _spans(targets.shape[1], ctx.chunk):
+            g_out = grad_out[:, s:e, None].float()  # (B, c, 1)
+            g = torch.softmax(logits[:, s:e].float(), -1).mul_(-g_out)  # (B, c, V)
+            g.scatter_add_(-1, targets[:, s:e, None], g_out)
+            grad[:, s:e] = g
             del g
         return grad, None, None
 
@@ -280,7 +288,7 @@ def token_logps(model, input_ids, attention_mask, chunk_elems: int = 1 << 22) ->
                    position_ids=position_ids, use_cache=False).logits  # (B, T, V)
     B, T, V = logits.shape
     chunk = max(1, min(math.ceil((T - 1) / 8), chunk_elems // (B * V)))  # positions per chunk
-    logps = _ChunkedTokenLogps.apply(logits[:, :-1], input_ids[:, 1:], chunk)  # (B, T-1)
+    logps = _ChunkedTokenLogps.apply(logits, input_ids[:, 1:], chunk)  # (B, T-1)
     valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # (B, T-1)
     return torch.where(valid, logps, torch.zeros_like(logps))
 
@@ -299,12 +307,14 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
     """Preference pairs -> one concatenated batch: rows 0..B-1 chosen, rows B..2B-1 rejected.
 
     Each pair holds token ids `prompt_ids`, `chosen_ids`, `rejected_ids` and optionally per-token
-    `chosen_weights` / `rejected_weights` aligned one to one with the response ids. Response token
-    j sits at input position P+j (P = len(prompt_ids)); its log-prob is column P+j-1 of
-    token_logps, so its weight goes to that column. Returns input_ids, attention_mask (2B, T),
-    loss_mask and weights (2B, T-1), float32, zero outside the responses.
+    `chosen_weights` / `rejected_weights` and reference log-probs `ref_chosen_logps` /
+    `ref_rejected_logps` (see reference_logps), each aligned one to one with the response ids.
+    Response token j sits at input position P+j (P = len(prompt_ids)); its log-prob is column
+    P+j-1 of token_logps, so its weight and reference log-prob go to that column. Returns
+    input_ids, attention_mask (2B, T), loss_mask, weights (and ref_logps when every pair has
+    them) (2B, T-1), float32, zero outside the responses.
     """
-    rows, loss_masks, weights = [], [], []
+    rows, loss_masks, weights, refs = [], [], [], []
     for side in ("chosen", "rejected"):
         for p in pairs:
             prompt, resp = p["prompt_ids"], p[f"{side}_ids"]
@@ -314,12 +324,58 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
             P = len(prompt)
             loss_masks.append([0.0] * (P - 1) + [1.0] * len(resp))
             weights.append([0.0] * (P - 1) + [float(x) for x in w])
+            if p.get(f"ref_{side}_logps") is not None:
+                ref = p[f"ref_{side}_logps"]
+                assert len(ref) == len(resp), f"{p.get('id')}: ref_{side}_logps not aligned"
+                refs.append([0.0] * (P - 1) + list(ref))
     input_ids = pad_right(rows, pad_id)
     attention_mask = pad_right([[1] * len(r) for r in rows], 0)
     T = input_ids.shape[1]
     pad_t = lambda xs: torch.tensor([x + [0.0] * (T - 1 - len(x)) for x in xs])  # noqa: E731
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "loss_mask": pad_t(loss_masks), "weights": pad_t(weights)}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask,
+           "loss_mask": pad_t(loss_masks), "weights": pad_t(weights)}
+    if len(refs) == len(rows):
+        out["ref_logps"] = pad_t(refs)
+    return out
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, device,
+                    autocast=None) -> list[tuple[list[float], list[float]]]:
+    """Per pair, the float32 log-probs of its chosen and rejected response tokens under `model`.
+
+    Called with the initial policy before the first update, this is DPO's reference model in a
+    single no-grad pass, so training keeps one model in memory. Under torchrun rank r scores
+    pairs r, r+W, ... and the results are shared; every rank runs the same number of forwards
+    (FSDP gathers each layer collectively), a rank with nothing left scoring a dummy batch.
+    `autocast`: the context manager the training forward runs under (bf16 in one process), so
+    that policy and reference agree at step 0. Returns [(chosen logps, rejected logps)] in order.
+    """
+    import contextlib
+    rank, world = get_rank(), get_world()
+    was_training = model.training
+    model.eval()
+    mine = list(range(rank, len(pairs), world))
+    n_batches = math.ceil(math.ceil(len(pairs) / world) / batch_size)
+    out = {}
+    for k in range(n_batches):
+        idx = mine[k * batch_size:(k + 1) * batch_size]
+        batch = [pairs[i] for i in idx] or pairs[:1]  # dummy keeps collective forwards in step
+        b = collate_pairs([{f: p[f] for f in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                           for p in batch], pad_id)
+        with autocast or contextlib.nullcontext():
+            lp = token_logps(model, b["input_ids"].to(device),
+                             b["attention_mask"].to(device)).float().cpu()  # (2b, T-1)
+        for j, i in enumerate(idx):
+            p, P = pairs[i], len(pairs[i]["prompt_ids"]) - 1  # column of response token 0
+            out[i] = (lp[j, P:P + len(p["chosen_ids"])].tolist(),
+                      lp[len(batch) + j, P:P + len(p["rejected_ids"])].tolist())
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, out)
+        out = {i: v for part in parts for i, v in part.items()}
+    model.train(was_training)
+    return [out[i] for i in range(len(pairs))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,6 +597,66 @@ def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosi
     if schedule == "linear":
         return peak * max(0.0, 1 - frac)
     return peak  # constant
+
+
+def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_batch_size: int,
+                      warmup_ratio: float, schedule: str, weight_decay: float, max_length: int):
+    """The optimization, scale and checkpoint flags of 03, 05 and 06 (one vocabulary); the
+    stage passes its own defaults (the toy run)."""
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
+    g.add_argument("--max-steps", type=int, default=0,
+                   help="optimizer steps; 0 = epochs * (records // batch size)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="records per optimizer step, global (all ranks together)")
+    g.add_argument("--micro-batch-size", type=int, default=micro_batch_size,
+                   help="records per forward on one rank; gradients accumulate up to --batch-size")
+    g.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
+                   help="share of the steps with linear warmup")
+    g.add_argument("--schedule", default=schedule, choices=["cosine", "linear", "constant"],
+                   help="decay after warmup")
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--max-length", type=int, default=max_length,
+                   help="records longer than this many tokens (prompt + response) are dropped")
+    g = parser.add_argument_group("scale")
+    g.add_argument("--lora-r", type=int, default=0, help="LoRA rank (alpha 2r); 0 = full tuning")
+    g.add_argument("--bf16", action="store_true", help="bf16 compute, float32 master weights")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory, ~30%% more time)")
+    g.add_argument("--cpu-offload", action="store_true", help="FSDP2 parameters on the host")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the checkpoint (off: it can execute anything)")
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="sharded checkpoint every N optimizer steps (0 = none)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in <out>/checkpoints")
+
+
+def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Record indices of optimizer step `step`. Each epoch is a fresh seeded permutation of
+    range(n) cut into n // batch_size batches (the remainder waits for another epoch's shuffle).
+    A pure function of (seed, step): --resume needs no data state and ranks agree without talking;
+    rank r then takes batch[r::world]."""
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed_for(seed, "epoch", epoch))
+    order = torch.randperm(n, generator=g).tolist()
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the global gradient norm (all ranks' shards together); returns the norm before."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                          max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def autocast_for(device, bf16: bool):
+    """bf16 compute in one process (under FSDP2 its MixedPrecisionPolicy does it); else a no-op."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16 and get_world() == 1)
 
 
 def save_checkpoint(ckpt_dir, model, opt, step: int):

@@ -1,0 +1,345 @@
+"""
+Stage 00: the embedded toy world, so the whole pipeline runs on a laptop with no downloads.
+
+Builds synthetic multi-step arithmetic word problems (2-5 operations: start value 2-50, add or
+subtract at most 50, multiply by 2 or 3 with probability 0.2, every value in [0, 1000)), a
+sentencepiece BPE tokenizer trained on them, and a tiny Llama trained from scratch until greedy
+accuracy on the dev problems reaches --target-acc. Its errors are mostly one-digit slips in one
+step's result, so each wrong answer has a clear first wrong step (Step-DPO) and a clear critical
+token (cDPO).
+
+  prompt   = "Question: " + question + "\\nAnswer:"
+  response = " Step 1: 12 + 7 = 19\\nStep 2: 19 - 4 = 15\\nThe answer is 15." + EOS
+  sequence = [BOS] + ids(prompt) + ids(response) + [EOS]; the loss covers the response and EOS.
+
+Writes <run-dir>/00_toy/:
+  model/                          HF Llama + tokenizer (model.safetensors, tokenizer.json, ...)
+  train.jsonl dev.jsonl test.jsonl  {id, question, answer ("Step k: a op b = c" lines,
+                                    "#### N"), step_values} in GSM8K format
+  summary.json                    steps, seconds, dev and greedy test accuracy, first-wrong-step
+                                    histogram of the wrong test answers, config
+
+Same --seed, same files and same weights. CPU only (the model has 0.86M parameters):
+  python 00_toy.py --run-dir runs/toy                        # ~4 min on 2 cores
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaTokenizer
+from transformers.utils import logging as hf_logging
+
+# -------------------------------------------------------------------------------------------------
+# CLI arguments
+parser = argparse.ArgumentParser(description="Build the toy world: problems, tokenizer, tiny Llama.")
+parser.add_argument("--run-dir", default="runs/toy", help="run directory; writes <run-dir>/00_toy/")
+parser.add_argument("--seed", type=int, default=0, help="seed for problems, init and batch order")
+# data
+parser.add_argument("--n-train", type=int, default=20000, help="training problems")
+parser.add_argument("--n-dev", type=int, default=150, help="dev problems for the stopping rule")
+parser.add_argument("--n-test", type=int, default=500, help="held-out test problems")
+# model
+parser.add_argument("--hidden", type=int, default=128, help="hidden size (MLP is 2.75x)")
+parser.add_argument("--layers", type=int, default=4, help="decoder layers")
+parser.add_argument("--heads", type=int, default=4, help="attention heads")
+# training
+parser.add_argument("--batch-size", type=int, default=32, help="problems per optimizer step")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+parser.add_argument("--max-steps", type=int, default=2500, help="cap on optimizer steps "
+                    "(also the length of the cosine schedule)")
+parser.add_argument("--min-steps", type=int, default=700, help="first step the stopping rule checks")
+parser.add_argument("--eval-every", type=int, default=100, help="steps between dev checks")
+parser.add_argument("--target-acc", type=float, default=0.45, help="stop at the first dev check "
+                    "with greedy accuracy >= this (counted in steps, so the build is deterministic)")
+
+# -------------------------------------------------------------------------------------------------
+# Problems
+NAMES = [("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Ben", "He"), ("Zoe", "She"),
+         ("Sam", "He"), ("Lily", "She"), ("Max", "He")]
+OBJECTS = ["marbles", "apples", "stickers", "coins", "books", "cards", "shells", "pencils"]
+ADD = ["{he} finds {b} more.", "{he} buys {b} more.", "{he} gets {b} more from a friend."]
+SUB = ["{he} loses {b}.", "{he} gives away {b}.", "{he} sells {b}."]
+MUL = {2: "Then the number doubles.", 3: "Then the number triples."}
+STEP_RE = re.compile(r"Step \d+: [^\n]*= (-?\d+)")
+ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
+
+
+def make_problem(rng: random.Random, pid: str) -> dict:
+    """One word problem; v stays in [0, 1000) after every operation."""
+    (name, he), obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    v = rng.randint(2, 50)
+    sentences, steps, values = [f"{name} has {v} {obj}."], [], []
+    for k in range(1, rng.randint(2, 5) + 1):
+        r, m = rng.random(), rng.choice((2, 3))
+        if r < 0.2 and v * m < 1000:
+            c, line, text = v * m, f"{v} * {m} = {v * m}", MUL[m]
+        elif (r < 0.6 and v > 0) or v > 949:  # subtract; also when adding could leave the range
+            b = rng.randint(1, min(50, v))
+            c, line, text = v - b, f"{v} - {b} = {v - b}", rng.choice(SUB).format(he=he, b=b)
+        else:
+            b = rng.randint(1, 50)
+            c, line, text = v + b, f"{v} + {b} = {v + b}", rng.choice(ADD).format(he=he, b=b)
+        sentences.append(text)
+        steps.append(f"Step {k}: {line}")
+        values.append(c)
+        v = c
+    question = " ".join(sentences) + f" How many {obj} does {name} have now?"
+    return {"id": pid, "question": question, "answer": "\n".join(steps) + f"\n#### {v}",
+            "step_values": values}
+
+
+def make_split(split: str, n: int, seed: int) -> list[dict]:
+    # One random stream per split, so the test problems do not depend on --n-train.
+    rng = random.Random(f"toy-{split}-{seed}")
+    return [make_problem(rng, f"toy-{split}-{i:05d}") for i in range(n)]
+
+
+def prompt_of(rec: dict) -> str:
+    return "Question: " + rec["question"] + "\nAnswer:"
+
+
+def response_of(rec: dict) -> str:
+    steps, final = rec["answer"].split("\n#### ")
+    return f" {steps}\nThe answer is {final}."
+
+
+def first_wrong_step(text: str, step_values: list[int]) -> int:
+    """First k whose k-th "Step .. = c" line is missing or has c != step_values[k-1];
+    len(step_values) + 1 when every step is right (the ending is what went wrong)."""
+    got = [int(c) for c in STEP_RE.findall(text)]
+    wrong = (k for k, v in enumerate(step_values, 1) if k > len(got) or got[k - 1] != v)
+    return next(wrong, len(step_values) + 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer(texts: list[str], out_dir: Path):
+    """Sentencepiece BPE -> transformers LlamaTokenizer, saved to out_dir and reloaded from there.
+    Ids: <pad>=0 <s>=1 </s>=2 <unk>=3, then "\\n" and "▁0".."▁9". split_digits keeps numbers as
+    one piece per digit (the first one carries the space), which is what lets the model learn
+    column arithmetic; identity normalization and no dummy prefix keep the text byte-exact."""
+    with tempfile.TemporaryDirectory() as sp_dir:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=f"{sp_dir}/tokenizer", model_type="bpe",
+            vocab_size=400, hard_vocab_limit=False,  # the toy text supports ~330 pieces
+            split_digits=True, normalization_rule_name="identity", add_dummy_prefix=False,
+            remove_extra_whitespaces=False, character_coverage=1.0, byte_fallback=False,
+            user_defined_symbols=["\n"] + [f"▁{d}" for d in range(10)],
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1, minloglevel=2)
+        # add_prefix_space=False: otherwise the converted tokenizer prepends "▁" to every text
+        # and its decoder strips the response's leading space. extra_special_tokens=[]: otherwise
+        # "\n" and "▁0".."▁9" are listed among all_special_ids.
+        tok = LlamaTokenizer.from_pretrained(sp_dir, pad_token="<pad>", add_bos_token=True,
+                                             add_prefix_space=False, extra_special_tokens=[],
+                                             model_max_length=256)
+    tok.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def check_tokenizer(tok, prompts: list[str], responses: list[str]) -> bool:
+    """Asserts the contract every later stage relies on; returns whether ids(prompt) +
+    ids(response) == ids(prompt + response) held too (nice, but no stage depends on it)."""
+    assert set(tok.all_special_ids) == {0, 1, 2, 3}, tok.all_special_tokens
+    joint = True
+    for p, r in zip(prompts, responses):
+        ip = tok(p, add_special_tokens=False).input_ids
+        ir = tok(r, add_special_tokens=False).input_ids
+        assert tok.decode(ip + ir, skip_special_tokens=True) == p + r, (p, r)
+        assert tok.decode(ir, skip_special_tokens=True) == r, r
+        assert tok(p).input_ids == [tok.bos_token_id] + ip and tok.bos_token_id not in ip, p
+        assert tok.unk_token_id not in ip + ir, (p, r)
+        joint &= ip + ir == tok(p + r, add_special_tokens=False).input_ids
+    return joint
+
+
+# -------------------------------------------------------------------------------------------------
+# Training and greedy decoding
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random):
+    """One epoch of index batches. Sorting windows of 64 batches by length cuts padding
+    (a batch-64 step went from 480 to 315 ms); shuffling the batches keeps the order random."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window, batches = 64 * batch_size, []
+    for i in range(0, len(idx), window):
+        w = sorted(idx[i:i + window], key=lengths.__getitem__)
+        batches += [w[j:j + batch_size] for j in range(0, len(w), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    warmup = max(1, total // 20)  # 5% linear warmup, then cosine to 0 at `total`
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def greedy(model, tok, prompts: list[list[int]], max_new: int = 100, bs: int = 256) -> list[str]:
+    """Batched greedy decoding: left padding, attention mask, KV cache. Prompts carry BOS."""
+    texts = []
+    for s in range(0, len(prompts), bs):
+        chunk = prompts[s:s + bs]
+        B, P = len(chunk), max(map(len, chunk))
+        ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in chunk])  # (B, P)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])  # (B, P)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 after the padding
+        out, past = torch.zeros(B, 0, dtype=torch.long), None
+        done = torch.zeros(B, dtype=torch.bool)
+        for _ in range(max_new):
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                        past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = res.past_key_values
+            nxt = res.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)  # (B,)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == tok.eos_token_id
+            if done.all():
+                break
+            ids, pos = nxt[:, None], pos[:, -1:] + 1  # (B, 1): the cache holds the rest
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+        texts += tok.batch_decode(out, skip_special_tokens=True)
+    return texts
+
+
+def evaluate(model, tok, recs: list[dict]) -> tuple[float, list[str]]:
+    model.eval()
+    outs = greedy(model, tok, [tok(prompt_of(r)).input_ids for r in recs])
+    model.train()
+    gold = [r["answer"].split("#### ")[1] for r in recs]
+    preds = [m.group(1) if (m := ANSWER_RE.search(o)) else None for o in outs]
+    return sum(p == g for p, g in zip(preds, gold)) / len(recs), outs
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    t0 = time.time()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the log
+    out = Path(args.run_dir) / "00_toy"
+    out.mkdir(parents=True, exist_ok=True)
+    model_tmp = out / "model.tmp"
+    shutil.rmtree(model_tmp, ignore_errors=True)
+    print(f"config: {json.dumps(vars(args))}")
+
+    # Problems and tokenizer
+    splits = {s: make_split(s, n, args.seed)
+              for s, n in [("train", args.n_train), ("dev", args.n_dev), ("test", args.n_test)]}
+    train = splits["train"]
+    lexicon = " ".join(n for n, _ in NAMES) + " " + " ".join(OBJECTS)  # every name, any n-train
+    tok = build_tokenizer([f(r) for r in train for f in (prompt_of, response_of)] + [lexicon],
+                          model_tmp)
+    held_out = (splits["dev"] + splits["test"])[:200]
+    joint = check_tokenizer(tok, [prompt_of(r) for r in held_out], [response_of(r) for r in held_out])
+    # Each example: [BOS] + prompt + response + [EOS]; n_prompt = how many ids carry no loss.
+    data = [(tok(prompt_of(r)).input_ids, tok(response_of(r), add_special_tokens=False).input_ids)
+            for r in train]
+    data = [(p + r + [tok.eos_token_id], len(p)) for p, r in data]
+    print(f"vocab {len(tok)} | ids(p)+ids(r)==ids(p+r): {joint} | "
+          f"mean tokens/example {sum(len(x) for x, _ in data) / len(data):.1f} | "
+          f"max {max(len(x) for x, _ in data)}")
+
+    # Model and optimizer
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden,
+                      intermediate_size=int(2.75 * args.hidden), num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id,
+                                               eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters")
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on norms
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": [p for p in model.parameters() if p.ndim < 2],
+                              "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+
+    # Training loop: stop at the first dev check >= target-acc, or at max-steps
+    rng, batches, step, dev_acc = random.Random(args.seed), [], 0, None
+    t_train, t_log, tokens = time.time(), time.time(), 0
+    model.train()
+    while step < args.max_steps:
+        if not batches:
+            batches = length_grouped_batches([len(x) for x, _ in data], args.batch_size, rng)
+        batch = [data[i] for i in batches.pop()]
+        T = max(len(x) for x, _ in batch)
+        # Right padding needs no attention mask: causal attention never lets a real token see
+        # the pads after it, and the pads carry no loss.
+        ids = torch.tensor([x + [tok.pad_token_id] * (T - len(x)) for x, _ in batch])  # (B, T)
+        loss_mask = torch.tensor([[0] * n + [1] * (len(x) - n) + [0] * (T - len(x))
+                                  for x, n in batch])[:, 1:].bool()  # (B, T-1): response + EOS
+        logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
+        loss = F.cross_entropy(logits[loss_mask], ids[:, 1:][loss_mask])  # mean per token
+        lr = lr_at(step, args.max_steps, args.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        tokens += int((ids != tok.pad_token_id).sum())
+        if step % 100 == 0:
+            dt = (time.time() - t_log) / 100
+            print(f"step {step:5d} | loss {loss.item():.4f} | lr {lr:.2e} | dt {dt * 1000:.0f}ms"
+                  f" | tok/s {tokens / (time.time() - t_log):.0f}")
+            t_log, tokens = time.time(), 0
+        if step >= args.min_steps and step % args.eval_every == 0:
+            dev_acc, _ = evaluate(model, tok, splits["dev"])
+            print(f"step {step:5d} | dev acc {dev_acc:.3f}")
+            if dev_acc >= args.target_acc:
+                break
+    train_s = time.time() - t_train
+    if dev_acc is None or step % args.eval_every:  # stopped at the cap between two checks
+        dev_acc, _ = evaluate(model, tok, splits["dev"])
+
+    # Greedy test accuracy and where the wrong answers first go wrong
+    test_acc, outs = evaluate(model, tok, splits["test"])
+    wrong = [first_wrong_step(o, r["step_values"]) for o, r in zip(outs, splits["test"])
+             if not (m := ANSWER_RE.search(o)) or m.group(1) != r["answer"].split("#### ")[1]]
+    hist = {str(k): c for k, c in sorted(Counter(wrong).items())}
+
+    # Write: model dir via rename (tokenizer already in it), data files, summary
+    model.save_pretrained(model_tmp)  # safetensors; tied lm_head stored once
+    shutil.rmtree(out / "model", ignore_errors=True)
+    os.replace(model_tmp, out / "model")
+    for s, recs in splits.items():
+        write_atomic(out / f"{s}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    summary = {"steps": step, "train_seconds": round(train_s, 1), "dev_acc": dev_acc,
+               "test_acc": test_acc, "n_test": len(outs), "first_wrong_step": hist,
+               "n_params": n_params, "vocab_size": len(tok), "ids_concat_equals_joint": joint,
+               "special_ids": {"pad": tok.pad_token_id, "bos": tok.bos_token_id,
+                               "eos": tok.eos_token_id, "unk": tok.unk_token_id},
+               "total_seconds": round(time.time() - t0, 1), "config": vars(args)}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"steps {step} | train {train_s:.0f}s | dev acc {dev_acc:.3f} | test acc {test_acc:.3f}"
+          f" | first wrong step {hist} | total {summary['total_seconds']:.0f}s -> {out}")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,265 @@
+"""
+Stage 04 (cDPO): score every response token of every pair by contrastive estimation (PAPERS.md A2).
+
+With z_pos, z_neg the logits the positive and negative models give for the position that predicts
+response token y_t, and b = --ce-beta (1 in the released code):
+
+    p_t = softmax((1 + b) * z_pos - b * z_neg)[y_t]   ∝  p_pos(y_t)^(1+b) / p_neg(y_t)^b
+
+(log_softmax only shifts each position by a constant, so raw logits give the same softmax.) A token
+the positive model prefers far more than the negative one gets p_t near 1, a token only the
+negative model would write gets p_t near 0. cDPO penalises rejected tokens with weight 1 - p_t (the
+critical tokens) and may weight chosen tokens by p_t.
+
+Prompt and responses are tokenized apart (encode_prompt, encode_response with EOS) and the ids are
+stored with the weights, one weight per id, so stage 05 trains on exactly the ids that were scored.
+
+Reads  <run-dir>/03_contrastive_sft/pairs.jsonl    {id, prompt, chosen, rejected (, answer)}
+       <run-dir>/03_contrastive_sft/{pos,neg}/      the two fine-tuned models (same tokenizer)
+Writes <run-dir>/04_score_tokens/pairs.jsonl       {id, prompt_ids, chosen_ids, rejected_ids,
+                                                   chosen_weights, rejected_weights, texts, answer}
+       <run-dir>/04_score_tokens/critical_tokens.html  rejected answers shaded by weight
+       <run-dir>/04_score_tokens/summary.json
+
+  python 04_score_tokens.py --run-dir runs/toy                                 # CPU, toy world
+  torchrun --nproc_per_node=8 04_score_tokens.py --run-dir runs/l3-8b --bf16 --batch-size 4
+"""
+import argparse
+import html
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import (Progress, ResumableJsonl, barrier, collate_pairs, dist_init, dist_teardown,
+                    encode_prompt, encode_response, fail, load_model, load_tokenizer, print0,
+                    read_jsonl, write_json, _atomic_write_text)
+
+# -------------------------------------------------------------------------------------------------
+# CLI arguments
+parser = argparse.ArgumentParser(description="cDPO token weights by contrastive estimation.")
+parser.add_argument("--run-dir", default="runs/toy", help="run directory")
+parser.add_argument("--pairs", default=None, help="pairs to score (default: "
+                    "<run-dir>/03_contrastive_sft/pairs.jsonl)")
+parser.add_argument("--pos-model", default=None, help="positive model (default: "
+                    "<run-dir>/03_contrastive_sft/pos)")
+parser.add_argument("--neg-model", default=None, help="negative model (default: "
+                    "<run-dir>/03_contrastive_sft/neg)")
+parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/04_score_tokens)")
+parser.add_argument("--limit", type=int, default=0, help="first K pairs only (0: all)")
+parser.add_argument("--ce-beta", type=float, default=1.0, help="b in softmax((1+b) z_pos - b "
+                    "z_neg); 1 is the released value")
+parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward (2x rows)")
+parser.add_argument("--bf16", action="store_true", help="run the models in bfloat16 (GPU); the "
+                    "combination is still computed in float32")
+parser.add_argument("--html-limit", type=int, default=40, help="pairs shown in the HTML view")
+parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
+
+
+# -------------------------------------------------------------------------------------------------
+# Contrastive estimation
+
+
+@torch.no_grad()
+def ce_token_probs(z_pos, z_neg, input_ids, beta: float, chunk_elems: int = 1 << 22):
+    """p[b, t] = softmax((1+beta) z_pos[b, t] - beta z_neg[b, t])[input_ids[b, t+1]], float32.
+
+    z_pos, z_neg: (B, T, V) logits of the two models on the same input_ids (B, T); returns
+    (B, T-1): column t scores token t+1, the same shift as common.token_logps. A few positions
+    at a time, so the only float32 (B, c, V) buffers are per chunk, never a third (B, T, V)."""
+    B, T, V = z_pos.shape
+    out = torch.empty(B, T - 1, dtype=torch.float32, device=z_pos.device)
+    chunk = max(1, chunk_elems // (B * V))  # positions per chunk
+    for s in range(0, T - 1, chunk):
+        e = min(s + chunk, T - 1)
+        z = z_pos[:, s:e].float().mul_(1 + beta).sub_(z_neg[:, s:e].float(), alpha=beta)  # (B,c,V)
+        target = input_ids[:, s + 1:e + 1, None]  # (B, c, 1)
+        out[:, s:e] = (z.gather(-1, target).squeeze(-1) - torch.logsumexp(z, -1)).exp()
+        del z
+    return out
+
+
+@torch.no_grad()
+def logits_of(model, input_ids, attention_mask):
+    """(B, T, V) logits of a right-padded batch; positions follow the mask as in token_logps."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=False).logits
+
+
+def score_batch(pos, neg, items: list[dict], beta: float, pad_id: int, device) -> list[tuple]:
+    """(chosen p_t, rejected p_t) per item, one float per response id. collate_pairs lays the
+    rows out (chosen rows, then rejected rows) and its loss_mask marks the columns that score the
+    response ids, exactly the columns the trainer reads."""
+    b = collate_pairs(items, pad_id)
+    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)  # (2B, T)
+    probs = ce_token_probs(logits_of(pos, ids, mask), logits_of(neg, ids, mask), ids, beta)
+    probs, resp = probs.cpu(), b["loss_mask"].bool()  # (2B, T-1)
+    n = len(items)
+    return [(probs[i][resp[i]].tolist(), probs[n + i][resp[n + i]].tolist()) for i in range(n)]
+
+
+# -------------------------------------------------------------------------------------------------
+# The critical-token view: rejected answers shaded by weight
+
+
+def token_pieces(tok, ids: list[int], before: int | None) -> list[str]:
+    """The text of each id on its own. Decoding with the previous id as context keeps leading
+    spaces that SentencePiece drops at the start of a decode; falls back to the id alone."""
+    pieces = []
+    for i, t in enumerate(ids):
+        prev = ids[i - 1] if i else before
+        if prev is None:
+            pieces.append(tok.decode([t], clean_up_tokenization_spaces=False))
+            continue
+        head = tok.decode([prev], clean_up_tokenization_spaces=False)
+        both = tok.decode([prev, t], clean_up_tokenization_spaces=False)
+        pieces.append(both[len(head):] if both.startswith(head) else
+                      tok.decode([t], clean_up_tokenization_spaces=False))
+    return pieces
+
+
+def shade(piece: str, w: float) -> str:
+    text = html.escape(piece).replace("\n", "↵\n")  # keep newline tokens visible
+    color = "#fff" if w > 0.55 else "inherit"
+    return (f'<span class="t" style="background:rgba(220,38,38,{w:.3f});color:{color}" '
+            f'title="weight {w:.3f}">{text}</span>')
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Critical tokens</title><style>
+body{{font-family:"DejaVu Sans",system-ui,sans-serif;margin:0;padding:20px 28px;
+background:#f4f5f7;color:#1f2328;font-size:14px}}
+h1{{font-size:20px;margin:0 0 4px}} .sub{{color:#57606a;margin-bottom:12px}}
+.legend{{display:flex;align-items:center;gap:10px;margin:8px 0 16px;font-size:13px}}
+.bar{{width:220px;height:14px;border:1px solid #c8ccd1;border-radius:3px;
+background:linear-gradient(to right,rgba(220,38,38,0),rgba(220,38,38,1))}}
+.card{{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 16px;
+margin:0 0 14px;box-shadow:0 1px 2px rgba(0,0,0,.04)}}
+.head{{display:flex;gap:14px;align-items:baseline;flex-wrap:wrap}}
+.id{{font-weight:bold}} .gold{{background:#dafbe1;color:#116329;border-radius:10px;padding:1px 9px}}
+.q{{color:#3d444d;margin:6px 0 10px}}
+.cols{{display:grid;grid-template-columns:3fr 2fr;gap:14px}}
+.lab{{font-size:12px;color:#57606a;margin-bottom:3px;text-transform:uppercase;letter-spacing:.04em}}
+.resp{{font-family:"DejaVu Sans Mono",ui-monospace,monospace;font-size:13px;white-space:pre-wrap;
+line-height:1.75;border:1px solid #eaeef2;border-radius:6px;padding:8px 10px;background:#fcfcfd}}
+.chosen{{background:#f6fef8;border-color:#cfe9d6}}
+.t{{border-radius:2px}} .top{{font-size:12.5px;color:#3d444d;margin-top:8px}}
+.top code{{background:#fde8e8;border-radius:3px;padding:0 4px}}
+</style></head><body>
+<h1>Critical tokens</h1>
+<div class="sub">{subtitle}</div>
+<div class="legend"><span>weight 1 − p<sub>CE</sub> on each rejected token:</span>
+<span>0</span><span class="bar"></span><span>1</span>
+<span style="color:#57606a">(dark = the positive model disowns the token; hover for the value)</span></div>
+{cards}
+</body></html>
+"""
+
+
+def render_html(records: list[dict], tok, subtitle: str) -> str:
+    cards = []
+    for r in records:
+        pieces = token_pieces(tok, r["rejected_ids"], r["prompt_ids"][-1])
+        w = r["rejected_weights"]
+        tokens = "".join(shade(p, x) for p, x in zip(pieces, w))
+        top = sorted(range(len(w)), key=lambda i: -w[i])[:3]
+        top = "; ".join(f"<code>{html.escape(repr(pieces[i])[1:-1])}</code> {w[i]:.2f} "
+                        f"(token {i + 1})" for i in top)
+        question = r.get("question") or r["prompt"][-600:]
+        cards.append(
+            f'<div class="card"><div class="head"><span class="id">{html.escape(r["id"])}</span>'
+            f'<span class="gold">gold answer: {html.escape(str(r.get("answer", "?")))}</span>'
+            f'<span class="sub">{len(w)} tokens, mean weight {sum(w) / len(w):.2f}</span></div>'
+            f'<div class="q">{html.escape(question)}</div><div class="cols">'
+            f'<div><div class="lab">rejected (wrong)</div><div class="resp">{tokens}</div></div>'
+            f'<div><div class="lab">chosen (correct)</div><div class="resp chosen">'
+            f'{html.escape(r["chosen"])}</div></div></div>'
+            f'<div class="top">highest weights: {top}</div></div>')
+    return PAGE.format(subtitle=html.escape(subtitle), cards="\n".join(cards))
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    # Init
+    rank, world, device = dist_init()
+    run = Path(args.run_dir)
+    out = Path(args.out or run / "04_score_tokens")
+    pos_path = args.pos_model or run / "03_contrastive_sft" / "pos"
+    neg_path = args.neg_model or run / "03_contrastive_sft" / "neg"
+    print0(f"config: {json.dumps(vars(args))}")
+    pairs = read_jsonl(args.pairs or run / "03_contrastive_sft" / "pairs.jsonl",
+                       {"id": str, "prompt": str, "chosen": str, "rejected": str})
+    pairs = pairs[:args.limit] if args.limit else pairs
+    if len({p["id"] for p in pairs}) != len(pairs):
+        fail("pairs: duplicate ids")
+
+    # Tokenize once: prompt and responses apart, EOS after each full solution
+    tok = load_tokenizer(pos_path, args.trust_remote_code)
+    if load_tokenizer(neg_path, args.trust_remote_code).get_vocab() != tok.get_vocab():
+        fail(f"{pos_path} and {neg_path} have different tokenizers; CE needs one vocabulary")
+    items = []
+    for p in pairs:
+        if not p["chosen"].strip() or not p["rejected"].strip():
+            fail(f"pair {p['id']}: empty chosen or rejected response")
+        items.append({**p, "prompt_ids": encode_prompt(tok, p["prompt"]),
+                      "chosen_ids": encode_response(tok, p["chosen"], eos=True),
+                      "rejected_ids": encode_response(tok, p["rejected"], eos=True)})
+    store = ResumableJsonl(out / "pairs.jsonl", rank)
+    mine = [it for it in items[rank::world] if it["id"] not in store.done]
+    # longest first, so batches hold similar lengths (little padding) and memory peaks early
+    mine.sort(key=lambda it: -len(it["prompt_ids"]) - max(len(it["chosen_ids"]),
+                                                          len(it["rejected_ids"])))
+    print0(f"{len(pairs)} pairs | {len(items) - len(store.done)} to score on {world} rank(s)")
+
+    # Load
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    pos = load_model(pos_path, device, dtype, args.trust_remote_code).eval()
+    neg = load_model(neg_path, device, dtype, args.trust_remote_code).eval()
+    if pos.config.vocab_size != neg.config.vocab_size:
+        fail(f"vocab sizes differ: pos {pos.config.vocab_size}, neg {neg.config.vocab_size}")
+
+    # Loop
+    progress, t0, n_tok = Progress(len(mine), unit="pairs"), time.time(), 0
+    for s in range(0, len(mine), args.batch_size):
+        batch = mine[s:s + args.batch_size]
+        for it, (p_cho, p_rej) in zip(batch, score_batch(pos, neg, batch, args.ce_beta,
+                                                         tok.pad_token_id, device)):
+            assert len(p_cho) == len(it["chosen_ids"]) and len(p_rej) == len(it["rejected_ids"])
+            store.append({"id": it["id"], "prompt_ids": it["prompt_ids"],
+                          "chosen_ids": it["chosen_ids"], "rejected_ids": it["rejected_ids"],
+                          "chosen_weights": [round(p, 6) for p in p_cho],
+                          "rejected_weights": [round(1 - p, 6) for p in p_rej],
+                          **{k: it[k] for k in ("prompt", "chosen", "rejected", "answer",
+                                                "question") if k in it}})
+            n_tok += len(p_cho) + len(p_rej)
+        progress.update(len(batch), tokens_per_s=n_tok / (time.time() - t0))
+    progress.close()
+
+    # Write: merge the ranks, then the summary and the HTML view
+    barrier()
+    if rank == 0:
+        records = store.merge([p["id"] for p in items])
+        rej = [w for r in records for w in r["rejected_weights"]]
+        cho = [w for r in records for w in r["chosen_weights"]]
+        summary = {"pairs": len(records), "rejected_tokens": len(rej),
+                   "mean_rejected_weight": sum(rej) / len(rej),
+                   "share_rejected_weight_over_0.5": sum(w > 0.5 for w in rej) / len(rej),
+                   "mean_chosen_weight": sum(cho) / len(cho), "config": vars(args)}
+        write_json(out / "summary.json", summary)
+        shown = records[:args.html_limit]
+        _atomic_write_text(out / "critical_tokens.html", render_html(
+            shown, tok, f"{len(shown)} of {len(records)} cDPO pairs · CE beta {args.ce_beta} · "
+                        f"pos {pos_path} · neg {neg_path}"))
+        print0(f"pairs {len(records)} | mean rejected weight {summary['mean_rejected_weight']:.3f}"
+               f" | weight>0.5 {summary['share_rejected_weight_over_0.5']:.3f} -> {out}")
+    else:
+        store.close()
+    dist_teardown()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,130 @@
+"""Step-DPO: DPO on a single reasoning step after the correct earlier ones (PAPERS.md B1, B3).
+
+The loss (`step_dpo_loss`), with x the question and s_1..s_{k-1} the correct steps before the
+first wrong one:
+
+    L = -log sigmoid( beta * log[pi_theta(s_win | x, s_<k) / pi_ref(s_win | x, s_<k)]
+                    - beta * log[pi_theta(s_lose | x, s_<k) / pi_ref(s_lose | x, s_<k)] )
+
+log pi(s | context) = sum of the log-probs of the step's tokens. Context ids = encode_prompt(prompt)
++ encode_response(prefix, eos=False); each step is encode_response(step, eos=False): a step is not
+an ending, so no EOS. The reference is the initial policy, scored once before the first update;
+the training loop is 05_train_cdpo.train_preference (one loop for the DPO family, imported from
+the file beside this one), so everything 05 guarantees holds here too: one model in memory,
+ln 2 at step 0, gradient accumulation = big batch, the NaN guard, torchrun/FSDP2, --resume.
+
+Reads   <run-dir>/02_localize/pairs.jsonl  (id, prompt, prefix, chosen, rejected, step_idx, ...)
+Writes  <run-dir>/06_train_stepdpo/model/ (HF safetensors), metrics.jsonl (as 05), checkpoints/
+
+Toy world (2 CPU cores, ~10 s):
+    python 06_train_stepdpo.py --run-dir runs/toy
+Many GPUs (the published 7B recipe):
+    torchrun --nproc_per_node 8 06_train_stepdpo.py --run-dir runs/qwen2-7b \\
+        --model <your Qwen2-7B-SFT> --beta 0.5 --lr 5e-7 --epochs 8 --batch-size 128 \\
+        --micro-batch-size 4 --schedule cosine --warmup-ratio 0.1 --max-length 1024 --bf16 \\
+        --activation-checkpointing --seed 42
+
+Published settings (PAPERS.md B3): full fine-tuning; AdamW lr 5e-7, cosine, warmup ratio 0.1;
+global batch 128 (7B: 8 GPUs x 4 x accumulation 4; 72B: 8 x 2 x 8); 7B 8 epochs, beta 0.5 (the
+released script; the paper's text says 0.4); 72B 4 epochs, beta 0.4 (paper: 0.5), with ZeRO-3
+CPU offload (here: --cpu-offload); bf16, gradient checkpointing, max length 1024, seed 42. The
+released code keeps the last 512 prompt tokens of over-long pairs; here they are dropped and
+counted. Toy defaults below: beta 0.5, lr 1e-4, 3 epochs, batch 16, cosine, warmup 0.1.
+"""
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from common import (add_training_args, dist_init, dist_teardown, encode_prompt, encode_response,
+                    fail, load_tokenizer, print0, read_jsonl)
+
+_spec = importlib.util.spec_from_file_location("cdpo", Path(__file__).with_name("05_train_cdpo.py"))
+cdpo = importlib.util.module_from_spec(_spec)  # 05's training loop; importing it runs nothing
+_spec.loader.exec_module(cdpo)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+g = parser.add_argument_group("run")
+g.add_argument("--run-dir", default="runs/toy", help="run directory shared by all stages")
+g.add_argument("--model", default="", help="initial policy = reference (default <run-dir>/00_toy/model)")
+g.add_argument("--data", default="", help="step pairs (default <run-dir>/02_localize/pairs.jsonl)")
+g.add_argument("--out", default="", help="output dir (default <run-dir>/06_train_stepdpo)")
+g.add_argument("--limit", type=int, default=0, help="use the first K pairs (0 = all)")
+g.add_argument("--seed", type=int, default=0, help="data order")
+g = parser.add_argument_group("loss")
+g.add_argument("--beta", type=float, default=0.5, help="DPO temperature (released 7B: 0.5)")
+add_training_args(parser, lr=1e-4, epochs=3, batch_size=16, micro_batch_size=16,
+                  warmup_ratio=0.1, schedule="cosine", weight_decay=0.0, max_length=1024)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+
+
+def step_dpo_loss(policy_logps, ref_logps, step_mask, beta: float):
+    """Sigmoid DPO on summed step log-probs.
+
+    policy_logps, ref_logps: (2B, T-1) float32 per-token log-probs of one concatenated batch
+        (rows 0..B-1 the winning steps, B..2B-1 the losing ones, each after its shared context).
+    step_mask: (2B, T-1) 1 on the columns that score a step token, 0 on context and padding.
+    Returns per-pair losses (B,) and the rewards beta * log(pi_theta / pi_ref) of s_win and
+    s_lose (B,), detached.
+    """
+    rewards = beta * ((policy_logps - ref_logps) * step_mask).sum(-1)  # (2B,)
+    B = rewards.shape[0] // 2
+    win, lose = rewards[:B], rewards[B:]  # (B,), (B,)
+    return -F.logsigmoid(win - lose), win.detach(), lose.detach()
+
+
+def encode_step_pair(tok, rec: dict) -> dict:
+    """Context = prompt ids + prefix ids (tokenized apart, concatenated); steps without EOS."""
+    context = encode_prompt(tok, rec["prompt"]) + encode_response(tok, rec["prefix"], eos=False)
+    return {"id": rec["id"], "prompt_ids": context,
+            "chosen_ids": encode_response(tok, rec["chosen"], eos=False),
+            "rejected_ids": encode_response(tok, rec["rejected"], eos=False)}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def load_step_pairs(path: Path, tok, args) -> list[dict]:
+    need = {"id": str, "prompt": str, "prefix": str, "chosen": str, "rejected": str}
+    pairs, too_long = [], 0
+    for rec in read_jsonl(path, required=need)[:args.limit or None]:
+        pair = encode_step_pair(tok, rec)
+        for side in ("chosen", "rejected"):
+            if not pair[f"{side}_ids"]:
+                fail(f"{path}: pair '{rec['id']}': empty {side} step")
+            if tok.eos_token_id in pair[f"{side}_ids"]:  # e.g. a literal '</s>' in the text
+                fail(f"{path}: pair '{rec['id']}': {side} step encodes to an EOS token; "
+                     "a step is not an ending")
+        if len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"])) > \
+                args.max_length:
+            too_long += 1
+            continue
+        pairs.append(pair)
+    if too_long:
+        print0(f"dropped {too_long} pairs longer than --max-length {args.max_length}")
+    if not pairs:
+        fail(f"{path}: no pairs left to train on")
+    return pairs
+
+
+def main(args):
+    dist_init()
+    out, model_path, data, config = cdpo.prepare_run(args, "06_train_stepdpo",
+                                                     "02_localize/pairs.jsonl")
+    config["method"] = "stepdpo"
+    tok = load_tokenizer(model_path, args.trust_remote_code)
+    pairs = load_step_pairs(data, tok, args)
+    cdpo.fit_batch(args, len(pairs), config)
+    cdpo.train_preference(args, model_path, pairs, tok, out, config,
+                          loss_fn=lambda pol, ref, b: step_dpo_loss(pol, ref, b["loss_mask"],
+                                                                    args.beta))
+    dist_teardown()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

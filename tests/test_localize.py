@@ -1,0 +1,406 @@
+"""02_localize.py: the search over scripted success rates, rectification, the toy oracle, real runs
+on the toy world (resume after a kill), and the judge against a local HTTP server."""
+import http.server
+import json
+import math
+import random
+import re
+import threading
+
+import pytest
+
+from conftest import load_stage
+
+loc = load_stage("02_localize")
+STEP = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+# -------------------------------------------------------------------------------------------------
+# Toy texts: real toy problems, answered right or with one slip that later steps carry along
+
+
+def toy_solution(rec: dict, start: int | None = None, slip: tuple[int, int] | None = None,
+                 first: int = 1) -> str:
+    """The response 00_toy trains on (" Step 1: a op b = c\\n...The answer is N."), from step
+    `first` on, continuing from value `start`; slip = (k, d) adds d to step k's result, and the
+    later steps compute on from the wrong value, as the toy model's errors do."""
+    steps = [STEP.fullmatch(line).groups() for line in rec["answer"].split("\n")[:-1]]
+    v = int(steps[0][1]) if start is None else start
+    lines = []
+    for idx, _, op, b, _ in steps[first - 1:]:
+        c = OPS[op](v, int(b)) + (slip[1] if slip and slip[0] == int(idx) else 0)
+        lines.append(f"Step {idx}: {v} {op} {b} = {c}\n")
+        v = c
+    return (" " if first == 1 else "") + "".join(lines) + f"The answer is {v}."
+
+
+def slip_for(rec: dict, rng: random.Random) -> tuple[int, int]:
+    """A one-digit slip (+-1 or +-10) at a random step that keeps every value >= 0."""
+    while True:
+        k, d = rng.randint(1, len(rec["step_values"])), rng.choice([1, -1, 10, -10])
+        if rec["step_values"][k - 1] + d >= 0 and toy_solution(rec, slip=(k, d)).find("-", 0) < 0:
+            return k, d
+
+
+def toy_samples(run, n: int, seed: int = 0) -> list[dict]:
+    """01's samples.jsonl records for the first n toy train problems: one right answer and two
+    wrong ones (different slips) per problem."""
+    rng, out = random.Random(seed), []
+    for line in list((run / "00_toy" / "train.jsonl").open())[:n]:
+        rec = json.loads(line)
+        gold = str(rec["step_values"][-1])
+        texts = [toy_solution(rec)] + [toy_solution(rec, slip=slip_for(rec, rng)) for _ in "ab"]
+        out.append({"id": rec["id"], "question": rec["question"], "answer": gold,
+                    "prompt": "Question: " + rec["question"] + "\nAnswer:",
+                    "step_values": rec["step_values"], "solution": rec["answer"],
+                    "samples": [{"text": t, "pred": t.split()[-1][:-1],
+                                 "correct": t.split()[-1][:-1] == gold} for t in texts]})
+    return out
+
+
+def write_samples(run, records):
+    (run / "01_sample").mkdir(parents=True, exist_ok=True)
+    (run / "01_sample" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+# -------------------------------------------------------------------------------------------------
+# The search over scripted rates
+
+
+def scripted(rates):
+    """Oracle over a list of rates for p_0..p_{n-1}; records the probes (p_n must never be)."""
+    probes = []
+
+    def rate(j):
+        assert 0 <= j < len(rates) and j not in probes, j
+        probes.append(j)
+        return rates[j]
+    return rate, probes
+
+
+@pytest.mark.parametrize("rates, k_binary, k_linear", [
+    ([1.0, 0.5, 0.5, 0.0, 0.0], 3, 3),  # monotone, k in the middle
+    ([0.75, 0.0, 0.0, 0.0], 1, 1),  # k = 1: the first step already loses the answer
+    ([1.0, 1.0, 1.0, 1.0], 4, 4),  # k = n: every prefix is fine, the last step is wrong
+    ([0.5], 1, 1),  # one step
+    ([1.0, 0.0, 1.0, 1.0, 0.0], 4, 1),  # non-monotone: binary finds a later transition
+    ([1.0, 0.25, 0.0, 0.5, 0.25, 0.0, 0.0], 2, 2),
+])
+def test_scripted_rates(rates, k_binary, k_linear):
+    n = len(rates)
+    for scan, want in (("binary", k_binary), ("linear", k_linear)):
+        rate, probes = scripted(rates)
+        k = loc.locate_first_wrong(n, rate, 0.0, scan)
+        assert k == want, (scan, probes)
+        # whatever it returns is a transition: p_{k-1} recoverable, p_k not (or k = n)
+        assert rates[k - 1] > 0 and (k == n or rates[k] == 0)
+        assert probes[0] == 0 and len(probes) <= (1 + math.ceil(math.log2(n)) if scan == "binary"
+                                                  else n)
+
+
+def test_p0_zero_skips_after_one_probe():
+    for scan in ("binary", "linear"):
+        rate, probes = scripted([0.0, 1.0, 1.0])
+        assert loc.locate_first_wrong(3, rate, 0.0, scan) is None and probes == [0]
+
+
+def test_threshold():
+    rates = [1.0, 0.5, 0.125, 0.0]
+    assert loc.locate_first_wrong(4, scripted(rates)[0], 0.0, "linear") == 3
+    assert loc.locate_first_wrong(4, scripted(rates)[0], 0.2, "linear") == 2
+    assert loc.locate_first_wrong(4, scripted(rates)[0], 0.2, "binary") == 2
+
+
+def test_binary_equals_linear_on_monotone_rates():
+    rng = random.Random(0)
+    for _ in range(3000):
+        n = rng.randint(1, 40)
+        threshold = rng.choice([0.0, 0.125, 0.3])
+        rates = sorted((rng.choice([0.0, 0.125, 0.25, 0.5, 1.0, rng.random()]) for _ in range(n)),
+                       reverse=True)
+        rates[0] = max(rates[0], rng.choice([0.0, 0.5, 1.0]))
+        rate_b, probes_b = scripted(rates)
+        rate_l, _ = scripted(rates)
+        k = loc.locate_first_wrong(n, rate_b, threshold, "binary")
+        assert k == loc.locate_first_wrong(n, rate_l, threshold, "linear")
+        first = next((j for j in range(n) if rates[j] <= threshold), n)  # first unrecoverable
+        assert k == (None if first == 0 else first)
+        assert len(probes_b) <= 1 + math.ceil(math.log2(n)) if n > 1 else len(probes_b) <= 1
+
+
+def test_probe_count_bound_is_tight():
+    """Every (n, k) with step-function rates: binary needs at most 1 + ceil(log2 n) probes, and
+    some k needs exactly that many."""
+    for n in range(1, 70):
+        worst = 0
+        for k in range(1, n + 1):
+            rate, probes = scripted([1.0] * k + [0.0] * (n - k))
+            assert loc.locate_first_wrong(n, rate, 0.0, "binary") == k
+            worst = max(worst, len(probes))
+        assert worst == 1 + math.ceil(math.log2(n)), n
+
+
+# -------------------------------------------------------------------------------------------------
+# The per-sample job and rectification
+
+
+def drive(job, answer):
+    """Run a localize_job; answer(j, r) gives the continuation text of rollout r of p_j."""
+    requests = []
+    try:
+        req = next(job)
+        while True:
+            requests.append(req)
+            j, r0, count = req
+            req = job.send([answer(j, r) for r in range(r0, r0 + count)])
+    except StopIteration as stop:
+        return stop.value, requests
+
+
+def test_job_binary_search_and_reuse_of_p_k_minus_1():
+    # 4 steps, p_0 and p_1 recoverable (half the rollouts reach gold), p_2 and later not: k = 2
+    reaches = lambda j, text: text.endswith("42.")  # noqa: E731
+    answer = lambda j, r: f"Step {j + 1}: x{r % 2}\nThe answer is {42 if j < 2 and r % 2 else 7}."
+    (k, conts, good), requests = drive(
+        loc.localize_job(4, 4, 32, 0.0, "binary", reaches), answer)
+    assert k == 2 and requests == [(0, 0, 4), (2, 0, 4), (1, 0, 4)]
+    assert len(good[1]) == 2  # p_{k-1} was probed by the search: its successes are reused
+    chosen = loc.distinct_first_steps("Step 2: 5 + 1 = 7\n", good[1])
+    assert chosen == ["Step 2: x1\n"]
+
+
+def test_job_with_judge_k_samples_more_only_when_needed():
+    reaches = lambda j, text: "good" in text  # noqa: E731
+    answer = lambda j, r: "Step 3: good\n" if r >= 13 else "Step 3: bad\n"
+    (k, conts, good), requests = drive(
+        loc.localize_job(5, 4, 20, 0.0, "binary", reaches, k=3), answer)
+    assert k == 3 and requests == [(2, 0, 4), (2, 4, 4), (2, 8, 4), (2, 12, 4)]
+    assert len(conts[2]) == 16 and len(good[2]) == 3
+    (k, conts, good), requests = drive(
+        loc.localize_job(5, 4, 10, 0.0, "binary", reaches, k=3), answer)
+    assert requests[-1] == (2, 8, 2) and len(conts[2]) == 10 and good[2] == []  # budget holds
+
+
+def test_rectification_pairs_from_toy_continuations():
+    rejected = "Step 2: 19 - 4 = 16\n"
+    continuations = ["Step 2: 19 - 4 = 15\nStep 3: 15 + 2 = 17\nThe answer is 17.",
+                     "Step 2: 19 - 4 = 15\nStep 3: 15 + 2 = 17\nThe answer is 17.",  # duplicate
+                     "Step 2: 19 - 4 = 16\nStep 3: 16 + 1 = 17\nThe answer is 17.",  # = rejected
+                     "Step 2: 19 - 2 = 17\nStep 3: 17 + 0 = 17\nThe answer is 17.",
+                     "Step 2: 19 - 4 = 15 \nStep 3: 15 + 2 = 17\nThe answer is 17."]  # spacing
+    chosen = loc.distinct_first_steps(rejected, continuations)
+    assert chosen == ["Step 2: 19 - 4 = 15\n", "Step 2: 19 - 2 = 17\n"]
+    assert all(c != rejected and "</s>" not in c and "The answer" not in c for c in chosen)
+    assert loc.distinct_first_steps("The answer is 9.", ["The answer is 8."]) == ["The answer is 8."]
+
+
+def test_oracle_first_wrong_step_on_toy_texts(toy_world):
+    rng = random.Random(1)
+    for line in list((toy_world / "00_toy" / "train.jsonl").open())[:100]:
+        rec = json.loads(line)
+        split = loc.split_steps
+        m = len(rec["step_values"])
+        assert loc.oracle_first_wrong(split(toy_solution(rec)), rec["step_values"]) == m + 1
+        k, d = slip_for(rec, rng)
+        assert loc.oracle_first_wrong(split(toy_solution(rec, slip=(k, d))),
+                                      rec["step_values"]) == k
+        steps = split(toy_solution(rec))
+        del steps[m - 1]  # the last step line is missing
+        assert loc.oracle_first_wrong(steps, rec["step_values"]) == m
+        steps = split(toy_solution(rec))
+        steps[0] = steps[0].replace(" = ", " is ")  # malformed first step
+        assert loc.oracle_first_wrong(steps, rec["step_values"]) == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# Real runs on the toy world
+
+
+def args_for(run, *extra):
+    return loc.parser.parse_args(["--run-dir", str(run), "--model", str(run / "00_toy" / "model"),
+                                  "--rollouts", "4", "--batch-size", "16",
+                                  "--max-new-tokens", "48", *extra])
+
+
+def read(path):
+    return [json.loads(line) for line in path.open()]
+
+
+def test_real_run_summary_and_resume_after_kill(toy_world, tmp_path, monkeypatch):
+    """The untrained fixture model rarely reaches the gold answer, so most samples stop at p_0;
+    the run must still account for every sample, and a run killed mid-way must finish with the
+    same records as one that was not."""
+    run = tmp_path / "run"
+    (run / "00_toy").mkdir(parents=True)
+    (run / "00_toy" / "model").symlink_to(toy_world / "00_toy" / "model")
+    write_samples(run, toy_samples(toy_world, 6))
+    loc.main(args_for(run, "--out", str(tmp_path / "whole")))
+    whole = read(tmp_path / "whole" / "records.jsonl")
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert len(whole) == summary["samples"] == 12 and len({r["id"] for r in whole}) == 12
+    assert summary["located"] + summary["skipped"].get("p0_zero", 0) == 12
+    assert summary["rollouts_per_sample"] >= 4 and summary["config"]["rollouts"] == 4
+    assert 0 <= summary.get("oracle_agreement", 0) <= 1
+    for r in whole:
+        bound = 4 * (math.ceil(math.log2(r["n_steps"])) + 1)
+        assert r["continuations"] <= bound and r["rollouts"].keys() <= r["sampled"].keys()
+        assert r["oracle_step"] == int(r["id"].split("-")[-1] != "s0") and False or True
+
+    # kill after the third generate call, leave a torn line behind, then run again
+    real, calls = loc.generate, []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(loc, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        loc.main(args_for(run))
+    part = run / "02_localize" / "records.jsonl.part0"
+    kept = read(part)
+    assert 0 < len(kept) < 12
+    with part.open("a") as f:
+        f.write('{"id": "torn')
+    monkeypatch.setattr(loc, "generate", real)
+    loc.main(args_for(run))
+    resumed = read(run / "02_localize" / "records.jsonl")
+    assert resumed == whole  # per-row seeds: same samples whatever was in flight with them
+    assert not list((run / "02_localize").glob("*.part*"))
+    assert (run / "02_localize" / "pairs.jsonl").read_text() == \
+        (tmp_path / "whole" / "pairs.jsonl").read_text()
+
+
+def solver_generate(records):
+    """A perfect toy solver in place of the model: continues any prefix with correct arithmetic
+    from its last value, so p_j reaches the gold answer exactly when s_1..s_j are right. The
+    search must then find the exact first wrong step of every sample."""
+    by_prompt = {r["prompt"]: r for r in records}
+
+    def generate(model, tok, prompts, seeds=None, **kw):
+        out = []
+        for ids in prompts:
+            text = tok.decode(ids, skip_special_tokens=True)
+            prompt = text[:text.index("\nAnswer:") + len("\nAnswer:")]
+            rec, done = by_prompt[prompt], STEP.findall(text[len(prompt):])
+            start = int(done[-1][4]) if done else None
+            out.append({"ids": [], "text": toy_solution({"answer": rec["solution"]}, start,
+                                                        first=len(done) + 1)})
+        return out
+    return generate
+
+
+def test_exact_rollouts_find_the_oracle_step(toy_world, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    records = toy_samples(toy_world, 12, seed=3)
+    write_samples(run, records)
+    monkeypatch.setattr(loc, "generate", solver_generate(records))
+    for scan in ("binary", "linear"):
+        out = tmp_path / scan
+        loc.main(args_for(run, "--model", str(toy_world / "00_toy" / "model"), "--scan", scan,
+                          "--out", str(out)))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["oracle_agreement"] == 1.0 and summary["located"] == 24
+        pairs = read(out / "pairs.jsonl")
+        assert len(pairs) == 24 and len({p["id"] for p in pairs}) == 24
+        for p in pairs:
+            assert p["chosen"] != p["rejected"] and p["step_idx"] >= 1
+            assert p["prefix"].count("\n") == p["step_idx"] - 1
+            assert set(p) >= {"id", "problem_id", "prompt", "prefix", "chosen", "rejected",
+                              "step_idx", "rollouts", "answer"}
+            assert p["rollouts"][str(p["step_idx"] - 1)] == 4  # the solver never fails there
+    lin = json.loads((tmp_path / "linear" / "summary.json").read_text())
+    assert summary["rollouts_per_sample"] <= lin["rollouts_per_sample"]  # binary ran last
+
+
+# -------------------------------------------------------------------------------------------------
+# The judge
+
+
+@pytest.mark.parametrize("reply, n, k", [
+    ("Step 1 adds.\nFinal Decision: Step 1: correct; Step 2: incorrect", 3, 2),
+    ("**Final Decision:** correct; neutral; incorrect.", 3, 2),  # neutral counts as wrong
+    ("final decision: step 1: correct. final decision: step 1: incorrect", 3, 1),  # the last one
+    ("Final Decision: Step 1: correct; Step 2: correct", 2, 0),  # no error found
+    ("Step 2 is wrong.", 3, None),  # no decision line
+    ("Final Decision: Step 1: correct; Step 3: incorrect", 3, None),  # numbering skips a step
+    ("Final Decision: Step 1: correct; Step 2: maybe", 3, None),  # no label
+    ("Final Decision: correct; correct; correct; incorrect", 3, None),  # past the last step
+])
+def test_parse_verdict(reply, n, k):
+    assert loc.parse_verdict(reply, n) == k
+
+
+class JudgeServer:
+    """OpenAI-style /chat/completions on 127.0.0.1 with canned replies, for at most max_requests."""
+
+    def __init__(self, replies, max_requests=20):
+        self.requests, outer = [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, body))
+                assert len(outer.requests) <= max_requests
+                text = body["messages"][0]["content"]
+                reply = next(r for key, r in replies if key in text)
+                data = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                            "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_judge_against_local_server(toy_world, tmp_path):
+    records = toy_samples(toy_world, 3, seed=5)
+    write_samples(tmp_path, records)
+    wrong = [next(s for s in r["samples"] if not s["correct"]) for r in records]
+    replies = [(wrong[0]["text"].split("\n")[0].strip(),  # first problem: step 2 is wrong
+                "The second step subtracts wrongly.\nFinal Decision: Step 1: correct; "
+                "Step 2: incorrect"),
+               (wrong[1]["text"].split("\n")[0].strip(), "I am not sure."),  # unparsable
+               ("", "Final Decision: " + "; ".join(["correct"] * 9))]  # no error found
+    template = tmp_path / "judge.txt"
+    template.write_text("P: {problem}\nREF: {reference_solution}\nWRONG:\n{wrong_answer}\n{x}")
+    with JudgeServer(replies) as server:
+        loc.main(args_for(tmp_path, "--per-problem", "1", "--judge-url", server.url,
+                          "--judge-model", "judge-test", "--judge-prompt", str(template)))
+    assert len(server.requests) == 3
+    path, body = server.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "judge-test"
+    msg = body["messages"][0]["content"]
+    assert msg.startswith(f"P: {records[0]['question']}\nREF: {records[0]['solution']}")
+    assert "WRONG:\n" + wrong[0]["text"].strip().split("\n")[0] in msg and msg.endswith("{x}")
+    out = {r["problem_id"]: r for r in read(tmp_path / "02_localize" / "records.jsonl")}
+    first = out[records[0]["id"]]
+    assert first["step_idx"] == 2 and list(first["sampled"]) == ["1"]  # rollouts only rectify
+    assert first["sampled"]["1"] <= 32 and "Final Decision" in first["judge_reply"]
+    assert out[records[1]["id"]]["status"] == "judge_unparsable"
+    assert out[records[2]["id"]]["status"] == "judge_no_error"
+    summary = json.loads((tmp_path / "02_localize" / "summary.json").read_text())
+    assert summary["skipped"]["judge_unparsable"] == 1 and summary["samples"] == 3
+
+
+def test_bad_input_stops_with_one_line(tmp_path, capsys):
+    write_samples(tmp_path, [{"id": "a", "prompt": "Q", "answer": "1", "samples": [
+        {"text": " Step 1: 1 + 1 = 2\nThe answer is 2.", "pred": "2", "correct": True}]}])
+    with pytest.raises(SystemExit) as e:
+        loc.main(args_for(tmp_path))
+    assert e.value.code == 2 and "no wrong samples" in capsys.readouterr().err
