@@ -1,26 +1,21 @@
 """
 Stage 00: the embedded toy world, so the whole pipeline runs on a laptop with no downloads.
 
-Builds synthetic multi-step arithmetic word problems (2-5 operations: start value 2-50, add or
-subtract at most 50, multiply by 2 or 3 with probability 0.2, every value in [0, 1000)), a
-sentencepiece BPE tokenizer trained on them, and a tiny Llama trained from scratch until greedy
-accuracy on the dev problems reaches --target-acc. Its errors are mostly one-digit slips in one
-step's result, so each wrong answer has a clear first wrong step (Step-DPO) and a clear critical
-token (cDPO).
+Builds multi-step arithmetic word problems (2-5 operations: start value 2-50, add or subtract at
+most 50, multiply by 2 or 3 with probability 0.2, every value in [0, 1000)), a sentencepiece BPE
+tokenizer, and a 0.86M-parameter Llama trained from scratch until its greedy dev accuracy reaches
+--target-acc. Its errors are mostly one-digit slips in one step's result: each wrong answer has a
+clear first wrong step (Step-DPO) and a clear critical token (cDPO).
 
   prompt   = "Question: " + question + "\\nAnswer:"
-  response = " Step 1: 12 + 7 = 19\\nStep 2: 19 - 4 = 15\\nThe answer is 15." + EOS
-  sequence = [BOS] + ids(prompt) + ids(response) + [EOS]; the loss covers the response and EOS.
+  response = " Step 1: 12 + 7 = 19\\nStep 2: 19 - 4 = 15\\nThe answer is 15."
+  sequence = [BOS] + ids(prompt) + ids(response) + [EOS]    (loss on response + EOS only)
 
-Writes <run-dir>/00_toy/:
-  model/                          HF Llama + tokenizer (model.safetensors, tokenizer.json, ...)
-  train.jsonl dev.jsonl test.jsonl  {id, question, answer ("Step k: a op b = c" lines,
-                                    "#### N"), step_values} in GSM8K format
-  summary.json                    steps, seconds, dev and greedy test accuracy, first-wrong-step
-                                    histogram of the wrong test answers, config
-
-Same --seed, same files and same weights. CPU only (the model has 0.86M parameters):
-  python 00_toy.py --run-dir runs/toy                        # ~4 min on 2 cores
+Writes <run-dir>/00_toy/: model/ (HF Llama + tokenizer, model.safetensors), train/dev/test.jsonl
+({id, question, answer: "Step k: a op b = c" lines then "#### N", step_values}, GSM8K format) and
+summary.json (steps, seconds, dev and greedy test accuracy, first wrong step of wrong answers).
+Same --seed, same files and weights. CPU only:
+  python 00_toy.py --run-dir runs/toy        # ~4 min on 2 cores
 """
 import argparse
 import json
@@ -37,14 +32,13 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-from transformers import LlamaTokenizer
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from transformers.utils import logging as hf_logging
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
-parser = argparse.ArgumentParser(description="Build the toy world: problems, tokenizer, tiny Llama.")
-parser.add_argument("--run-dir", default="runs/toy", help="run directory; writes <run-dir>/00_toy/")
+parser = argparse.ArgumentParser(description="Build the toy world: problems, tokenizer, Llama.")
+parser.add_argument("--run-dir", default="runs/toy", help="run dir; writes <run-dir>/00_toy/")
 parser.add_argument("--seed", type=int, default=0, help="seed for problems, init and batch order")
 # data
 parser.add_argument("--n-train", type=int, default=20000, help="training problems")
@@ -57,12 +51,12 @@ parser.add_argument("--heads", type=int, default=4, help="attention heads")
 # training
 parser.add_argument("--batch-size", type=int, default=32, help="problems per optimizer step")
 parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-parser.add_argument("--max-steps", type=int, default=2500, help="cap on optimizer steps "
-                    "(also the length of the cosine schedule)")
-parser.add_argument("--min-steps", type=int, default=700, help="first step the stopping rule checks")
+parser.add_argument("--max-steps", type=int, default=2500, help="cap on optimizer steps; the "
+                    "cosine schedule spans it")
+parser.add_argument("--min-steps", type=int, default=700, help="first step the stop rule checks")
 parser.add_argument("--eval-every", type=int, default=100, help="steps between dev checks")
 parser.add_argument("--target-acc", type=float, default=0.45, help="stop at the first dev check "
-                    "with greedy accuracy >= this (counted in steps, so the build is deterministic)")
+                    "with greedy accuracy >= this (counted in steps: the build is deterministic)")
 
 # -------------------------------------------------------------------------------------------------
 # Problems
@@ -125,8 +119,6 @@ def first_wrong_step(text: str, step_values: list[int]) -> int:
 
 # -------------------------------------------------------------------------------------------------
 # Tokenizer
-
-
 def build_tokenizer(texts: list[str], out_dir: Path):
     """Sentencepiece BPE -> transformers LlamaTokenizer, saved to out_dir and reloaded from there.
     Ids: <pad>=0 <s>=1 </s>=2 <unk>=3, then "\\n" and "▁0".."▁9". split_digits keeps numbers as
@@ -168,8 +160,6 @@ def check_tokenizer(tok, prompts: list[str], responses: list[str]) -> bool:
 
 # -------------------------------------------------------------------------------------------------
 # Training and greedy decoding
-
-
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random):
     """One epoch of index batches. Sorting windows of 64 batches by length cuts padding
     (a batch-64 step went from 480 to 315 ms); shuffling the batches keeps the order random."""
@@ -217,49 +207,42 @@ def greedy(model, tok, prompts: list[list[int]], max_new: int = 100, bs: int = 2
     return texts
 
 
-def evaluate(model, tok, recs: list[dict]) -> tuple[float, list[str]]:
+def evaluate(model, tok, recs: list[dict]) -> tuple[float, list[str], list[bool]]:
+    """Greedy accuracy: "The answer is N." must match the gold "#### N"."""
     model.eval()
     outs = greedy(model, tok, [tok(prompt_of(r)).input_ids for r in recs])
     model.train()
-    gold = [r["answer"].split("#### ")[1] for r in recs]
-    preds = [m.group(1) if (m := ANSWER_RE.search(o)) else None for o in outs]
-    return sum(p == g for p, g in zip(preds, gold)) / len(recs), outs
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
+    ok = [(m := ANSWER_RE.search(o)) is not None and m.group(1) == r["answer"].split("#### ")[1]
+          for o, r in zip(outs, recs)]
+    return sum(ok) / len(recs), outs, ok
 
 
 # -------------------------------------------------------------------------------------------------
-
-
 def main(args):
     t0 = time.time()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the log
-    out = Path(args.run_dir) / "00_toy"
-    out.mkdir(parents=True, exist_ok=True)
-    model_tmp = out / "model.tmp"
-    shutil.rmtree(model_tmp, ignore_errors=True)
+    out, model_tmp = Path(args.run_dir) / "00_toy", Path(args.run_dir) / "00_toy" / "model.tmp"
+    shutil.rmtree(model_tmp, ignore_errors=True)  # the model is built here, renamed at the end
+    model_tmp.mkdir(parents=True)
     print(f"config: {json.dumps(vars(args))}")
 
     # Problems and tokenizer
     splits = {s: make_split(s, n, args.seed)
               for s, n in [("train", args.n_train), ("dev", args.n_dev), ("test", args.n_test)]}
-    train = splits["train"]
-    lexicon = " ".join(n for n, _ in NAMES) + " " + " ".join(OBJECTS)  # every name, any n-train
-    tok = build_tokenizer([f(r) for r in train for f in (prompt_of, response_of)] + [lexicon],
-                          model_tmp)
+    lexicon = " ".join([n for n, _ in NAMES] + OBJECTS)  # every letter, however small n-train
+    texts = [f(r) for r in splits["train"] for f in (prompt_of, response_of)]
+    tok = build_tokenizer(texts + [lexicon], model_tmp)
     held_out = (splits["dev"] + splits["test"])[:200]
-    joint = check_tokenizer(tok, [prompt_of(r) for r in held_out], [response_of(r) for r in held_out])
-    # Each example: [BOS] + prompt + response + [EOS]; n_prompt = how many ids carry no loss.
+    joint = check_tokenizer(tok, [prompt_of(r) for r in held_out],
+                            [response_of(r) for r in held_out])
+    # One example = ([BOS] + prompt + response + [EOS], n_prompt): the first n_prompt ids carry
+    # no loss.
     data = [(tok(prompt_of(r)).input_ids, tok(response_of(r), add_special_tokens=False).input_ids)
-            for r in train]
+            for r in splits["train"]]
     data = [(p + r + [tok.eos_token_id], len(p)) for p, r in data]
+    lengths = [len(x) for x, _ in data]
     print(f"vocab {len(tok)} | ids(p)+ids(r)==ids(p+r): {joint} | "
-          f"mean tokens/example {sum(len(x) for x, _ in data) / len(data):.1f} | "
-          f"max {max(len(x) for x, _ in data)}")
+          f"tokens/example {sum(lengths) / len(data):.1f} mean, {max(lengths)} max")
 
     # Model and optimizer
     torch.manual_seed(args.seed)
@@ -269,24 +252,19 @@ def main(args):
                       max_position_embeddings=256, tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id,
-                                               eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)  # its generation_config takes bos/eos/pad from cfg
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters")
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on norms
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": [p for p in model.parameters() if p.ndim < 2],
-                              "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    groups = [{"params": [p for p in model.parameters() if p.ndim == nd], "weight_decay": wd}
+              for nd, wd in [(2, 0.1), (1, 0.0)]]  # weight decay on matrices, none on norms
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
 
     # Training loop: stop at the first dev check >= target-acc, or at max-steps
     rng, batches, step, dev_acc = random.Random(args.seed), [], 0, None
-    t_train, t_log, tokens = time.time(), time.time(), 0
-    model.train()
+    t_train = t_log = time.time()
+    tokens = 0
     while step < args.max_steps:
-        if not batches:
-            batches = length_grouped_batches([len(x) for x, _ in data], args.batch_size, rng)
+        batches = batches or length_grouped_batches(lengths, args.batch_size, rng)
         batch = [data[i] for i in batches.pop()]
         T = max(len(x) for x, _ in batch)
         # Right padding needs no attention mask: causal attention never lets a real token see
@@ -295,48 +273,49 @@ def main(args):
         loss_mask = torch.tensor([[0] * n + [1] * (len(x) - n) + [0] * (T - len(x))
                                   for x, n in batch])[:, 1:].bool()  # (B, T-1): response + EOS
         logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
-        loss = F.cross_entropy(logits[loss_mask], ids[:, 1:][loss_mask])  # mean per token
+        loss = F.cross_entropy(logits[loss_mask], ids[:, 1:][loss_mask])  # mean over tokens
         lr = lr_at(step, args.max_steps, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
-        tokens += int((ids != tok.pad_token_id).sum())
+        step, tokens = step + 1, tokens + sum(len(x) for x, _ in batch)
         if step % 100 == 0:
-            dt = (time.time() - t_log) / 100
-            print(f"step {step:5d} | loss {loss.item():.4f} | lr {lr:.2e} | dt {dt * 1000:.0f}ms"
-                  f" | tok/s {tokens / (time.time() - t_log):.0f}")
+            dt = time.time() - t_log  # seconds for the last 100 steps
+            print(f"step {step:5d} | loss {loss.item():.4f} | lr {lr:.2e} | dt {dt * 10:.0f}ms"
+                  f" | tok/s {tokens / dt:.0f}")
             t_log, tokens = time.time(), 0
         if step >= args.min_steps and step % args.eval_every == 0:
-            dev_acc, _ = evaluate(model, tok, splits["dev"])
+            dev_acc = evaluate(model, tok, splits["dev"])[0]
             print(f"step {step:5d} | dev acc {dev_acc:.3f}")
             if dev_acc >= args.target_acc:
                 break
-    train_s = time.time() - t_train
+    train_s = time.time() - t_train  # dev checks included
     if dev_acc is None or step % args.eval_every:  # stopped at the cap between two checks
-        dev_acc, _ = evaluate(model, tok, splits["dev"])
+        dev_acc = evaluate(model, tok, splits["dev"])[0]
 
-    # Greedy test accuracy and where the wrong answers first go wrong
-    test_acc, outs = evaluate(model, tok, splits["test"])
-    wrong = [first_wrong_step(o, r["step_values"]) for o, r in zip(outs, splits["test"])
-             if not (m := ANSWER_RE.search(o)) or m.group(1) != r["answer"].split("#### ")[1]]
-    hist = {str(k): c for k, c in sorted(Counter(wrong).items())}
+    # Greedy test accuracy, and where the wrong answers first go wrong
+    test_acc, outs, ok = evaluate(model, tok, splits["test"])
+    wrong = Counter(first_wrong_step(o, r["step_values"])
+                    for o, r, good in zip(outs, splits["test"], ok) if not good)
+    hist = {str(k): wrong[k] for k in sorted(wrong)}
 
-    # Write: model dir via rename (tokenizer already in it), data files, summary
-    model.save_pretrained(model_tmp)  # safetensors; tied lm_head stored once
+    # Write: the model dir by rename (tokenizer already in it), then data files and summary
+    model.save_pretrained(model_tmp)  # model.safetensors; the tied lm_head is stored once
     shutil.rmtree(out / "model", ignore_errors=True)
     os.replace(model_tmp, out / "model")
-    for s, recs in splits.items():
-        write_atomic(out / f"{s}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     summary = {"steps": step, "train_seconds": round(train_s, 1), "dev_acc": dev_acc,
                "test_acc": test_acc, "n_test": len(outs), "first_wrong_step": hist,
                "n_params": n_params, "vocab_size": len(tok), "ids_concat_equals_joint": joint,
                "special_ids": {"pad": tok.pad_token_id, "bos": tok.bos_token_id,
                                "eos": tok.eos_token_id, "unk": tok.unk_token_id},
                "total_seconds": round(time.time() - t0, 1), "config": vars(args)}
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    files = {f"{s}.jsonl": "".join(json.dumps(r) + "\n" for r in rs) for s, rs in splits.items()}
+    files["summary.json"] = json.dumps(summary, indent=2) + "\n"
+    for name, text in files.items():  # temp file + rename: a kill never leaves half a file
+        (out / f"{name}.tmp").write_text(text)
+        os.replace(out / f"{name}.tmp", out / name)
     print(f"steps {step} | train {train_s:.0f}s | dev acc {dev_acc:.3f} | test acc {test_acc:.3f}"
           f" | first wrong step {hist} | total {summary['total_seconds']:.0f}s -> {out}")
 

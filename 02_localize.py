@@ -44,7 +44,7 @@ import torch
 from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, encode_prompt,
                     encode_response, fail, generate, load_model, load_tokenizer, print0,
                     read_jsonl, seed_for, write_json, write_jsonl)
-from mathtext import extract_answer, is_equiv, split_steps
+from mathtext import STOP_STRINGS, extract_answer, is_equiv, split_steps
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
@@ -70,8 +70,8 @@ parser.add_argument("--rectify-budget", type=int, default=32, help="most continu
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
 parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per continuation")
-parser.add_argument("--stop", nargs="*", default=["\n\nQuestion:", "\n\nProblem:"],
-                    help="stop strings (a few-shot model starts the next question)")
+parser.add_argument("--stop", nargs="*", default=STOP_STRINGS, help="stop strings (default: "
+                    "mathtext.STOP_STRINGS, as in 01: the model starting the next question)")
 parser.add_argument("--batch-size", type=int, default=64, help="continuations per generate call")
 parser.add_argument("--bf16", action="store_true", help="sample in bfloat16 (GPU)")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
@@ -170,17 +170,19 @@ def localize_job(n: int, rollouts: int, budget: int, threshold: float, scan: str
 # -------------------------------------------------------------------------------------------------
 # The toy world's exact answer: the first step whose result differs from the true value
 
-STEP_LINE = re.compile(r"\s*Step (\d+): (-?\d+) ([-+*]) (-?\d+) = (-?\d+)\s*")
+STEP_LINE = re.compile(r"\s*Step (\d+): (-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?:\n|$)")
 
 
 def oracle_first_wrong(steps: list[str], step_values: list[int]) -> int:
-    """First k whose step is not `Step k: a op b = c` with c == step_values[k-1] (missing or
-    malformed counts as wrong); len(step_values) + 1 when all are right (the ending went wrong)."""
+    """First k whose step does not begin with the line `Step k: a op b = c`, c = step_values[k-1]
+    (missing or malformed counts as wrong). When every value is right the ending went wrong:
+    split_steps keeps "The answer is N." in the last step, so that step (or a superfluous one
+    after the last value) is the first wrong one."""
     for k, value in enumerate(step_values, 1):
-        m = STEP_LINE.fullmatch(steps[k - 1]) if k <= len(steps) else None
+        m = STEP_LINE.match(steps[k - 1]) if k <= len(steps) else None
         if m is None or int(m[1]) != k or int(m[5]) != value:
             return k
-    return len(step_values) + 1
+    return min(len(step_values) + 1, len(steps))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ encode_prompt, response via encode_response with EOS), averaged over the respons
 global batch. Full fine-tuning by default; --lora-r r adds LoRA (alpha 2r, dropout 0.1, on
 gate/up/down_proj as released), merged on save so 04 loads ordinary HF models.
 
-Reads   <run-dir>/01_sample/samples.jsonl  (id, question, answer, prompt, samples: [{text, pred, correct}])
+Reads   <run-dir>/01_sample/samples.jsonl  (id, question, answer, prompt,
+                                            samples: [{text, pred, correct}])
 Writes  <run-dir>/03_contrastive_sft/
           pos/, neg/             HF models (safetensors + tokenizer + training_config.json)
           pairs.jsonl            id, prompt, chosen, rejected, answer (gold)  -> 04
@@ -38,6 +39,7 @@ last 300 examples held out for validation (not done here). Toy defaults below: f
 lr 2e-4, 3 epochs, batch 16, cosine, warmup 0.1.
 """
 import argparse
+import json
 import math
 import random
 import shutil
@@ -148,7 +150,7 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
         batch = global_batch(len(examples), B, args.seed, step)
         mine = batch[rank::world]  # this rank's share
         n_tok = sum(len(examples[i]["response_ids"]) for i in batch)  # whole global batch
-        stats = torch.zeros(2, dtype=torch.float64)  # summed NLL, tokens seen
+        stats = torch.zeros(2, dtype=torch.float64, device=device)  # summed NLL, tokens seen
         for s in range(0, len(mine), mbs):
             if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
                 model.set_requires_gradient_sync(s + mbs >= len(mine))
@@ -159,10 +161,9 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
             nll = -(logps.float() * b["loss_mask"]).sum()
             # mean over the global batch's response tokens; x world: FSDP averages over ranks
             (nll * world / n_tok).backward()
-            stats += torch.tensor([nll.item(), b["attention_mask"].sum().item()],
-                                  dtype=torch.float64)
+            stats += torch.stack([nll.detach(), b["attention_mask"].sum()]).double()
         grad_norm = clip_grad_norm(model, args.max_grad_norm)
-        nll_sum, tokens = all_reduce_sum(stats).tolist()
+        nll_sum, tokens = all_reduce_sum(stats).cpu().tolist()
         loss = nll_sum / n_tok
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if rank == 0:
@@ -227,7 +228,7 @@ def main(args):
         fail(f"{data}: no problem has both a correct and a wrong answer; no pairs to write")
     if rank == 0:
         write_jsonl(out / "pairs.jsonl", pairs)
-    print0(f"config {config}")
+    print0("config " + json.dumps(config))
 
     # train: the same initial model twice, one set each
     tok = load_tokenizer(model_path, args.trust_remote_code)

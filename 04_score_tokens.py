@@ -73,7 +73,8 @@ def ce_token_probs(z_pos, z_neg, input_ids, beta: float, chunk_elems: int = 1 <<
     chunk = max(1, chunk_elems // (B * V))  # positions per chunk
     for s in range(0, T - 1, chunk):
         e = min(s + chunk, T - 1)
-        z = z_pos[:, s:e].float().mul_(1 + beta).sub_(z_neg[:, s:e].float(), alpha=beta)  # (B,c,V)
+        # (B, c, V) float32; the product is a new tensor (.float() of float32 logits is no copy)
+        z = (z_pos[:, s:e].float() * (1 + beta)).sub_(z_neg[:, s:e].float(), alpha=beta)
         target = input_ids[:, s + 1:e + 1, None]  # (B, c, 1)
         out[:, s:e] = (z.gather(-1, target).squeeze(-1) - torch.logsumexp(z, -1)).exp()
         del z

@@ -3,7 +3,7 @@
 The loss (sequence level, the paper's form; `cdpo_loss`):
 
     L = -log sigmoid( beta * [ sum_t w^c_t D^c_t  -  sum_t w^r_t D^r_t ] ),
-    D_t = log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)      (response tokens, EOS included)
+    D_t = log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)    (response tokens, EOS included)
 
 with w^r = rejected_weights = 1 - p_CE from 04 (the critical tokens of a wrong answer carry the
 penalty) and w^c = 1 (the released default; --weight-chosen uses chosen_weights = p_CE).
@@ -58,7 +58,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 g = parser.add_argument_group("run")
 g.add_argument("--run-dir", default="runs/toy", help="run directory shared by all stages")
-g.add_argument("--model", default="", help="initial policy = reference (default <run-dir>/00_toy/model)")
+g.add_argument("--model", default="",
+               help="initial policy = reference (default <run-dir>/00_toy/model)")
 g.add_argument("--data", default="", help="pairs (default <run-dir>/04_score_tokens/pairs.jsonl)")
 g.add_argument("--out", default="", help="output dir (default <run-dir>/05_train_cdpo, or "
                                          "05_train_dpo with --uniform)")
@@ -166,7 +167,8 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
         for group in opt.param_groups:
             group["lr"] = lr
         mine = global_batch(len(pairs), B, args.seed, step)[rank::world]  # this rank's share
-        stats = torch.zeros(5, dtype=torch.float64)  # loss, correct, r_chosen, r_rejected, tokens
+        stats = torch.zeros(5, dtype=torch.float64, device=device)  # summed over pairs:
+        # loss, correct (r_chosen > r_rejected), r_chosen, r_rejected; and tokens
         for s in range(0, len(mine), mbs):
             if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
                 model.set_requires_gradient_sync(s + mbs >= len(mine))
@@ -179,11 +181,10 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
             # ranks: the update is the 1-process update on the whole global batch, for any
             # split into ranks and micro-batches.
             (losses.sum() * world / B).backward()
-            stats += torch.tensor([losses.sum().item(), (r_c > r_r).sum().item(),
-                                   r_c.sum().item(), r_r.sum().item(),
-                                   b["attention_mask"].sum().item()], dtype=torch.float64)
+            stats += torch.stack([losses.detach().sum(), (r_c > r_r).sum(), r_c.sum(), r_r.sum(),
+                                  b["attention_mask"].sum()]).double()
         grad_norm = clip_grad_norm(model, args.max_grad_norm)
-        loss, acc, r_c, r_r, tokens = (all_reduce_sum(stats) / torch.tensor(
+        loss, acc, r_c, r_r, tokens = (all_reduce_sum(stats).cpu() / torch.tensor(
             [B, B, B, B, 1], dtype=torch.float64)).tolist()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = json.loads((ckpt / "latest.json").read_text())["step"] if (
@@ -210,7 +211,8 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
 
 
 def prepare_run(args, default_out: str, default_data: str):
-    """Resolve paths and the global batch, print and return the config (shared with 06)."""
+    """Resolve the paths, check the batch against the ranks, start a clean output dir (kept
+    with --resume); returns out, model path, data path and the config (shared with 06)."""
     run = Path(args.run_dir)
     out = Path(args.out or run / default_out)
     model_path = args.model or str(run / "00_toy" / "model")

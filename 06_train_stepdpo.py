@@ -48,7 +48,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 g = parser.add_argument_group("run")
 g.add_argument("--run-dir", default="runs/toy", help="run directory shared by all stages")
-g.add_argument("--model", default="", help="initial policy = reference (default <run-dir>/00_toy/model)")
+g.add_argument("--model", default="",
+               help="initial policy = reference (default <run-dir>/00_toy/model)")
 g.add_argument("--data", default="", help="step pairs (default <run-dir>/02_localize/pairs.jsonl)")
 g.add_argument("--out", default="", help="output dir (default <run-dir>/06_train_stepdpo)")
 g.add_argument("--limit", type=int, default=0, help="use the first K pairs (0 = all)")

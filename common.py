@@ -98,10 +98,11 @@ def seed_for(*parts) -> int:
 # Files: JSONL in, atomic JSON/JSONL out, and append-and-resume for long stages
 
 
-def read_jsonl(path, required: dict | None = None) -> list[dict]:
+def read_jsonl(path, required: dict | None = None, locations: bool = False) -> list:
     """Read a JSONL file; `required` maps field -> type (or tuple of types) every record must have.
     A missing file, an empty file, a malformed or torn line, or a missing / mistyped field stops
-    with one line naming file:line and the field."""
+    with one line naming file:line and the field. With locations=True returns ("file:line", record)
+    pairs, so callers can name the line in their own checks."""
     path = Path(path)
     if not path.is_file():
         fail(f"{path}: no such file (run the stage that writes it, or pass the right path)")
@@ -123,7 +124,7 @@ def read_jsonl(path, required: dict | None = None) -> list[dict]:
                     want = getattr(typ, "__name__", str(typ))
                     fail(f"{path}:{lineno}: field '{field}' should be {want}, "
                          f"got {type(rec[field]).__name__}")
-            records.append(rec)
+            records.append((f"{path}:{lineno}", rec) if locations else rec)
     if not records:
         fail(f"{path}: empty file (no records); re-run the stage that writes it")
     return records
@@ -499,7 +500,9 @@ def shard_model(model, device, bf16: bool = False, cpu_offload: bool = False,
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
-    if not cpu_offload:
+    if any(p.is_meta for p in model.parameters()):  # built on meta: allocate, the caller fills it
+        model.to_empty(device="cpu" if cpu_offload else device)
+    elif not cpu_offload:
         model.to(device)
     return model
 
@@ -524,17 +527,17 @@ def load_for_training(path, device, bf16=False, cpu_offload=False, activation_ch
         torch.manual_seed(0)  # LoRA A init: same on every rank and run
         model = get_peft_model(model, lora)
         if get_world() > 1 and get_rank() == 0:
+            torch.manual_seed(0)  # the LoRA init that is broadcast = the 1-process one
             full = get_peft_model(full, lora)
     model = shard_model(model, device, bf16, cpu_offload, activation_checkpointing)
     if get_world() > 1:
         sd = full.state_dict() if get_rank() == 0 else {}
         set_model_state_dict(model, sd, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=True))
-        if not cpu_offload:
-            model.to(device)
-        for buf_name, buf in model.named_buffers():  # rotary inv_freq etc. are not in state dicts
-            if buf.is_meta:
-                raise RuntimeError(f"buffer {buf_name} left on meta device")
+        for name, buf in model.named_buffers():  # rotary inv_freq etc. are not in state dicts
+            if get_rank() == 0:
+                buf.copy_(full.get_buffer(name))
+            dist.broadcast(buf, src=0)
     return model
 
 

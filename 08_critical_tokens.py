@@ -1,0 +1,185 @@
+"""
+Stage 08 (study): do critical tokens exist, and does contrastive estimation find them?
+The cDPO paper's pass@k figure in miniature (PAPERS.md A5, the released rollout rule).
+
+For each of the first --limit rejected answers y of 04_score_tokens/pairs.jsonl (their token ids,
+exactly as scored), with the base model at --temperature:
+
+1. "with" rollouts: for every response position t, continue prompt + y_<=t --rollouts times;
+   c_t = number of continuations whose final answer is right.
+2. critical token (released rule): scan t from the start; the first t with c_t == 0 becomes the
+   candidate; a later prefix with more than --cancel-frac of its rollouts right cancels it (kept as
+   a fallback); the answer's critical token = the active candidate, else the last cancelled one.
+3. "without" rollouts at the critical position t*: the base model's next-token distribution there
+   with the actual token's probability set to 0, --rollouts alternatives drawn from it (with
+   replacement), one continuation each; d = number right.
+4. pass@k = 1 - C(n-c, k) / C(n, k) (unbiased, n = rollouts) for k = 1, 2, 4, ... with the
+   critical token kept (c = c_t*, 0 by construction) and replaced (c = d), averaged over answers.
+5. How well 04's weights find t*: the rank of t* among the answer's rejected_weights (1 = the
+   largest weight) and precision@k = share of answers whose t* is among its k largest weights,
+   next to the chance level k / len(answer).
+
+Reads  <run-dir>/04_score_tokens/pairs.jsonl, the base model (<run-dir>/00_toy/model)
+Writes <run-dir>/08_critical_tokens/study.json     config, pass@k curves, rank statistics
+       <run-dir>/08_critical_tokens/answers.jsonl   per answer: c_t per position, t*, d, rank
+       <run-dir>/08_critical_tokens/pass_at_k.png
+
+  python 08_critical_tokens.py --run-dir runs/toy
+  torchrun --nproc_per_node=8 08_critical_tokens.py --run-dir runs/l3-8b --model meta-llama/Meta-Llama-3-8B --rollouts 64
+"""
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, generate,
+                    load_model, load_tokenizer, print0, read_jsonl, seed_for, write_json)
+from mathtext import extract_answer, is_equiv
+
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+# data and model
+parser.add_argument("--run-dir", default="runs/toy", help="run directory")
+parser.add_argument("--pairs", default=None,
+                    help="scored pairs (default: <run-dir>/04_score_tokens/pairs.jsonl)")
+parser.add_argument("--model", default=None, help="rollout model (default: <run-dir>/00_toy/model)")
+parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/08_critical_tokens)")
+parser.add_argument("--limit", type=int, default=24, help="rejected answers studied")
+# rollouts
+parser.add_argument("--rollouts", type=int, default=16, help="continuations per prefix (paper: 64)")
+parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+parser.add_argument("--max-new-tokens", type=int, default=96, help="cap per continuation")
+parser.add_argument("--cancel-frac", type=float, default=3 / 64,
+                    help="a later prefix with more than this share right cancels a candidate "
+                         "(released: more than 3 of 64)")
+parser.add_argument("--batch-size", type=int, default=128, help="sequences per generate call")
+parser.add_argument("--seed", type=int, default=0, help="rollout seed")
+parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def critical_position(correct: list[int], n: int, cancel_frac: float) -> int | None:
+    """The released rule over per-position success counts (position t -> c_t of n rollouts)."""
+    candidate, cancelled = None, None
+    for t, c in enumerate(correct):
+        if candidate is None and c == 0:
+            candidate = t
+        elif candidate is not None and c > cancel_frac * n:
+            cancelled, candidate = candidate, None
+    return candidate if candidate is not None else cancelled
+
+
+def count_right(model, tok, prefixes: list[list[int]], seeds: list[int], gold: str, args) -> list:
+    """Continue each prefix once; 1 if prefix + continuation ends with the gold answer."""
+    right = []
+    for s in range(0, len(prefixes), args.batch_size):
+        outs = generate(model, tok, prefixes[s:s + args.batch_size], seeds[s:s + args.batch_size],
+                        args.temperature, 1.0, args.max_new_tokens)
+        for pre, out in zip(prefixes[s:s + args.batch_size], outs):
+            text = tok.decode(pre + out["ids"], skip_special_tokens=True)
+            right.append(int(is_equiv(extract_answer(text), gold)))
+    return right
+
+
+def study_answer(model, tok, pair: dict, args) -> dict:
+    """Rollouts with and without the critical token of one rejected answer."""
+    P, y, n = pair["prompt_ids"], pair["rejected_ids"], args.rollouts
+    positions = range(len(y) - 1)  # the last id is EOS: nothing follows it
+    prefixes = [P + y[:t + 1] for t in positions for _ in range(n)]
+    seeds = [seed_for(args.seed, pair["id"], "with", t, r) for t in positions for r in range(n)]
+    right = count_right(model, tok, prefixes, seeds, pair["answer"], args)
+    with_c = [sum(right[t * n:(t + 1) * n]) for t in positions]  # c_t
+    t_star = critical_position(with_c, n, args.cancel_frac)
+    rec = {"id": pair["id"], "n_tokens": len(y), "with_correct": with_c, "critical": t_star}
+    if t_star is None:
+        return rec
+    # Replace y_t*: the model's distribution at t* without the token it actually wrote.
+    ids = torch.tensor([P + y[:t_star + 1]], device=next(model.parameters()).device)
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=ids).logits[0, -2].float(), -1)  # (V,)
+    probs[y[t_star]] = 0
+    g = torch.Generator(probs.device).manual_seed(seed_for(args.seed, pair["id"], "alt"))
+    alts = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=g).tolist()
+    prefixes = [P + y[:t_star] + [a] for a in alts]
+    seeds = [seed_for(args.seed, pair["id"], "without", r) for r in range(n)]
+    w = pair["rejected_weights"]
+    rec.update(without_correct=sum(count_right(model, tok, prefixes, seeds, pair["answer"], args)),
+               critical_token=tok.decode([y[t_star]]),
+               weight_rank=1 + sum(x > w[t_star] for x in w))  # 1 = the largest weight
+    return rec
+
+
+def summarize(records: list[dict], n: int) -> dict:
+    found = [r for r in records if r["critical"] is not None]
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    return {
+        "answers": len(records), "with_critical": len(found),
+        "k": ks,
+        "pass_at_k_with": [mean([pass_at_k(n, r["with_correct"][r["critical"]], k) for r in found])
+                           for k in ks],
+        "pass_at_k_without": [mean([pass_at_k(n, r["without_correct"], k) for r in found])
+                              for k in ks],
+        "weight_rank_mean": mean([r["weight_rank"] for r in found]),
+        "precision_at_k": {k: mean([r["weight_rank"] <= k for r in found]) for k in (1, 3, 5)},
+        "chance_at_k": {k: mean([min(1, k / r["n_tokens"]) for r in found]) for k in (1, 3, 5)},
+        "critical_tokens": [r["critical_token"] for r in found],
+    }
+
+
+def plot(summary: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(summary["k"], [100 * v for v in summary["pass_at_k_without"]], "o-",
+            label="critical token replaced")
+    ax.plot(summary["k"], [100 * v for v in summary["pass_at_k_with"]], "s--",
+            label="critical token kept")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="k", ylabel="pass@k (%)", ylim=(-3, 103),
+           title=f"Critical tokens ({summary['with_critical']} wrong answers)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args):
+    rank, world, device = dist_init()
+    out = Path(args.out or Path(args.run_dir) / "08_critical_tokens")
+    pairs = read_jsonl(args.pairs or Path(args.run_dir) / "04_score_tokens/pairs.jsonl",
+                       required={"id": str, "prompt_ids": list, "rejected_ids": list,
+                                 "rejected_weights": list, "answer": str})[:args.limit]
+    model_dir = args.model or Path(args.run_dir) / "00_toy/model"
+    tok = load_tokenizer(model_dir, args.trust_remote_code)
+    model = load_model(model_dir, device, trust_remote_code=args.trust_remote_code).eval()
+    print0(f"critical-token study: {len(pairs)} answers x {args.rollouts} rollouts per position")
+
+    sink = ResumableJsonl(out / "answers.jsonl", rank)
+    todo = [p for p in pairs[rank::world] if p["id"] not in sink.done]
+    progress = Progress(len(todo), "answers")
+    for pair in todo:
+        sink.append(study_answer(model, tok, pair, args))
+        progress.update()
+    progress.close()
+    barrier()
+    if rank == 0:
+        records = sink.merge([p["id"] for p in pairs])
+        summary = summarize(records, args.rollouts)
+        write_json(out / "study.json", {"config": vars(args), **summary})
+        plot(summary, out / "pass_at_k.png")
+        print0(f"critical token found in {summary['with_critical']}/{len(records)} answers | "
+               f"pass@1 replaced {summary['pass_at_k_without'][0]:.3f} vs kept "
+               f"{summary['pass_at_k_with'][0]:.3f} | CE rank {summary['weight_rank_mean']:.1f} | "
+               f"precision@3 {summary['precision_at_k'][3]:.2f} "
+               f"(chance {summary['chance_at_k'][3]:.2f})")
+    dist_teardown()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

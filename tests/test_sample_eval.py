@@ -1,0 +1,263 @@
+"""01_sample.py and 07_eval.py on the toy world: batching and seeds, kill + restart, torchrun,
+grading, metrics (pass@k, Wilson) and bad input. Real toy model and tokenizer, no mocks."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common import encode_prompt, generate, load_model, load_tokenizer, seed_for
+from conftest import ROOT, load_stage, tiny_llama
+from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv
+
+sample = load_stage("01_sample")
+evaluate = load_stage("07_eval")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # a 0.04M model needs no threads
+SAMPLE_ARGS = ["--limit", "12", "--n", "3", "--max-new-tokens", "24", "--seed", "1"]
+EVAL_ARGS = ["--limit", "10", "--n", "2", "--temperature", "1", "--max-new-tokens", "24"]
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_stage(stage, *argv):
+    """A stage's main() in this process (no interpreter start-up), like the command line."""
+    stage.main(stage.parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def toy(toy_world):
+    model_dir = toy_world / "00_toy" / "model"
+    tok = load_tokenizer(model_dir)
+    questions = [json.loads(x)["question"] for x in (toy_world / "00_toy" / "test.jsonl").open()]
+    prompts = [encode_prompt(tok, format_prompt(q)) for q in questions[:6]]
+    assert len(set(map(len, prompts))) > 2  # mixed lengths: left padding is exercised
+    return load_model(model_dir), tok, prompts
+
+
+@pytest.fixture(scope="module")
+def ref01(toy_world, tmp_path_factory):
+    """An uninterrupted 1-process run of 01 (batch 6: two problems per forward)."""
+    out = tmp_path_factory.mktemp("ref01")
+    run_stage(sample, "--run-dir", toy_world, "--out", out, "--batch-size", 6, *SAMPLE_ARGS)
+    return lines(out / "samples.jsonl")
+
+
+@pytest.fixture(scope="module")
+def ref07(toy_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref07")
+    run_stage(evaluate, "--run-dir", toy_world, "--out", out, "--batch-size", 8, *EVAL_ARGS)
+    return out / "base"
+
+
+# -------------------------------------------------------------------------------------------------
+# common.generate: batching and seeds
+
+
+def test_batched_greedy_equals_one_at_a_time(toy):
+    model, tok, prompts = toy
+    # the toy model, and a random one whose greedy text moves with every position and pad error
+    rand = tiny_llama(vocab=len(tok), hidden=32, seed=3)
+    rand.config.initializer_range = 1.0
+    rand.init_weights()
+    for m in (model, rand.eval()):
+        batched = generate(m, tok, prompts, max_new_tokens=20, stop=tuple(STOP_STRINGS))
+        alone = [generate(m, tok, [p], max_new_tokens=20, stop=tuple(STOP_STRINGS))[0]
+                 for p in prompts]
+        assert batched == alone
+    assert len({tuple(o["ids"]) for o in alone}) > 1  # not one degenerate continuation
+
+
+def test_sampling_depends_on_the_seed_not_on_the_batch(toy):
+    model, tok, prompts = toy
+    seeds = [seed_for(0, "p", i) for i in range(len(prompts))]
+    kw = dict(temperature=1.0, top_p=0.9, max_new_tokens=20, stop=tuple(STOP_STRINGS))
+    full = generate(model, tok, prompts, seeds, **kw)
+    order = [4, 1, 5, 0, 3, 2]
+    shuffled = generate(model, tok, [prompts[i] for i in order], [seeds[i] for i in order], **kw)
+    assert [shuffled[order.index(i)] for i in range(6)] == full
+    assert [generate(model, tok, [p], [s], **kw)[0] for p, s in zip(prompts, seeds)] == full
+    assert generate(model, tok, prompts[:1], [seeds[0] + 1], **kw)[0] != full[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# 01_sample.py
+
+
+def test_sample_records_and_grading(ref01):
+    assert [r["id"] for r in ref01] == [f"toy-train-{i:05d}" for i in range(12)]
+    for r in ref01:
+        assert r["prompt"] == format_prompt(r["question"]) and r["step_values"]
+        assert len(r["samples"]) == 3
+        for s in r["samples"]:  # the stored grade is what re-grading the stored text gives
+            assert s["pred"] == extract_answer(s["text"])
+            assert s["correct"] == is_equiv(s["pred"], r["answer"])
+    assert len({s["text"] for r in ref01 for s in r["samples"]}) > 30  # samples, not copies
+
+
+def kill_after_records(cmd, part, records: int) -> int:
+    """Start cmd, SIGKILL it once `part` holds `records` lines; the lines it held then."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and part.read_bytes().count(b"\n") >= records:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return part.read_bytes().count(b"\n")
+
+
+def test_sample_killed_and_restarted_equals_uninterrupted(toy_world, tmp_path, ref01):
+    args = ["--run-dir", toy_world, "--out", tmp_path, "--batch-size", 3, *SAMPLE_ARGS]
+    part = tmp_path / "samples.jsonl.part0"
+    held = kill_after_records([sys.executable, str(ROOT / "01_sample.py"), *map(str, args)],
+                              part, 2)
+    assert 2 <= held < 12 and not (tmp_path / "samples.jsonl").exists()
+    with open(part, "a") as f:  # and a record torn mid-write
+        f.write('{"id": "toy-train-00011", "question": "Tom')
+    run_stage(sample, *args)
+    assert lines(tmp_path / "samples.jsonl") == ref01  # batch 3 vs 6: same samples too
+    assert not list(tmp_path.glob("*.part*"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["throughput"]["samples"] == 3 * (12 - held)  # only the rest was sampled
+    right = sum(s["correct"] for r in ref01 for s in r["samples"])
+    assert summary["sample_accuracy"] == right / 36 and summary["problems"] == 12
+
+
+def test_sample_two_ranks_equal_one(toy_world, tmp_path, ref01):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "--", str(ROOT / "01_sample.py"), "--run-dir", str(toy_world), "--out", str(tmp_path),
+           "--batch-size", "4", *SAMPLE_ARGS, "--limit", "6"]
+    subprocess.run(cmd, env=ENV, check=True, capture_output=True, timeout=120)
+    assert lines(tmp_path / "samples.jsonl") == ref01[:6]
+    assert json.loads((tmp_path / "summary.json").read_text())["throughput"]["ranks"] == 2
+
+
+# -------------------------------------------------------------------------------------------------
+# 07_eval.py
+
+
+def test_eval_killed_and_restarted_equals_uninterrupted(toy_world, tmp_path, ref07):
+    args = ["--run-dir", toy_world, "--out", tmp_path, "--batch-size", 2, *EVAL_ARGS]
+    part = tmp_path / "base" / "generations.jsonl.part0"
+    held = kill_after_records([sys.executable, str(ROOT / "07_eval.py"), *map(str, args)], part, 2)
+    assert 2 <= held < 10 and not (tmp_path / "base" / "results.json").exists()
+    with open(part, "a") as f:
+        f.write('{"id": "toy-test-00009", "prompt": "Question')
+    run_stage(evaluate, *args)
+    assert lines(tmp_path / "base" / "generations.jsonl") == lines(ref07 / "generations.jsonl")
+    res, ref = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "base", ref07))
+    assert {k: v for k, v in res.items() if k not in ("throughput", "config")} == \
+        {k: v for k, v in ref.items() if k not in ("throughput", "config")}
+
+
+def test_eval_results_agree_with_generations(toy_world, tmp_path, ref07):
+    """Gold answers set to the model's own sample-0 answer on half the problems: exactly those
+    must grade right, and results.json must agree with generations.jsonl."""
+    gens = lines(ref07 / "generations.jsonl")
+    hits = [g["id"] for g in gens if g["pred"] is not None][::2]
+    assert hits
+    problems = lines(toy_world / "00_toy" / "test.jsonl")[:10]
+    pred = {g["id"]: g["pred"] for g in gens}
+    data = tmp_path / "gold.jsonl"
+    data.write_text("".join(json.dumps({**p, "answer": pred[p["id"]] if p["id"] in hits
+                                        else p["answer"]}) + "\n" for p in problems))
+    run_stage(evaluate, "--run-dir", toy_world, "--out", tmp_path, "--data", data, *EVAL_ARGS)
+    res = json.loads((tmp_path / "base" / "results.json").read_text())
+    gens = lines(tmp_path / "base" / "generations.jsonl")
+    assert {g["id"] for g in gens if g["correct"]} >= set(hits)
+    assert res["accuracy"] == sum(g["correct"] for g in gens) / len(gens) > 0
+    assert res["n"] == 10 and res["n_unparsed"] == sum(g["pred"] is None for g in gens)
+    assert res["ci95"] == evaluate.wilson(sum(g["correct"] for g in gens), 10)
+    for g in gens:
+        assert g["output"] == g["samples"][0]["text"] and len(g["samples"]) == 2
+        for s in g["samples"]:
+            assert s["pred"] == extract_answer(s["text"])
+            assert s["correct"] == is_equiv(s["pred"], g["gold"])
+    c = [sum(s["correct"] for s in g["samples"]) for g in gens]
+    assert res["pass@k"]["2"] == sum(x > 0 for x in c) / 10  # pass@n = any sample right
+    assert res["config"]["data"] == str(data) and res["config"]["stop"] == STOP_STRINGS
+
+
+def test_eval_side_by_side_and_summary(toy_world, tmp_path, capsys):
+    model = toy_world / "00_toy" / "model"
+    run_stage(evaluate, "--run-dir", toy_world, "--out", tmp_path, "--model", model,
+              "--model", model, "--label", "a", "--label", "b", "--limit", "4",
+              "--max-new-tokens", "8")
+    table = capsys.readouterr().out.split("| label |", 1)[1]
+    assert "| a |" in table and "| b |" in table
+    run_stage(evaluate, "--run-dir", toy_world, "--out", tmp_path, "--summary")
+    md = (tmp_path / "summary.md").read_text()
+    assert md.splitlines()[0] == "| label | data | accuracy | 95% CI | n | n_unparsed |"
+    assert len(md.splitlines()) == 4 and "| 4 |" in md
+
+
+def test_default_labels():
+    assert evaluate.default_label("runs/toy/00_toy/model") == "base"
+    assert evaluate.default_label("runs/toy/05_train_cdpo/model") == "05_train_cdpo"
+    assert evaluate.default_label("runs/toy/03_contrastive_sft/pos") == "03_contrastive_sft_pos"
+    assert evaluate.default_label("meta-llama/Meta-Llama-3-8B") == "Meta-Llama-3-8B"
+
+
+# -------------------------------------------------------------------------------------------------
+# Metrics against hand computations
+
+
+def test_pass_at_k_by_hand():
+    # n=5 samples, c=2 right: pass@1 = 2/5; pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert evaluate.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert evaluate.pass_at_k(4, 3, 2) == 1.0 and evaluate.pass_at_k(8, 0, 8) == 0.0
+    assert evaluate.powers_of_two(8) == [1, 2, 4, 8] and evaluate.powers_of_two(6) == [1, 2, 4]
+
+
+def test_wilson_by_hand():
+    # 8 of 10, z^2 = 3.8415: center = (.8 + .19207) / 1.38415 = .71675,
+    # half = 1.96 * sqrt(.016 + .0096036) / 1.38415 = .22658 -> [.4902, .9433]
+    z = 1.959963984540054
+    center = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert evaluate.wilson(8, 10) == pytest.approx([center - half, center + half])
+    assert evaluate.wilson(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)  # textbook value
+    assert evaluate.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert evaluate.wilson(50, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
+
+
+def test_majority_vote_groups_equal_answers():
+    assert evaluate.majority(["1,000", "7", "1000.0", None, None, "7 "]) == "1,000"
+    assert evaluate.majority(["\\dfrac{1}{2}", "0.5", "3"]) == "\\dfrac{1}{2}"
+    assert evaluate.majority([None, None]) is None
+
+
+# -------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, nothing written
+
+
+@pytest.mark.parametrize("stage", [sample, evaluate], ids=["01", "07"])
+@pytest.mark.parametrize("case", ["dataset", "model", "n", "empty"])
+def test_bad_input(stage, case, toy_world, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    bad = {"dataset": ["--data", "gsm9k"], "model": ["--model", tmp_path / "no_model"],
+           "n": ["--n", "0"], "empty": ["--data", tmp_path / "empty.jsonl"]}[case]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        run_stage(stage, "--run-dir", toy_world, "--out", out, *bad)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_bad_input_on_the_command_line(toy_world, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "07_eval.py"), "--run-dir", str(toy_world),
+                        "--out", str(tmp_path / "out"), "--data", "gsm9k"],
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "gsm9k" in r.stderr
+    assert not (tmp_path / "out").exists()
