@@ -1,0 +1,148 @@
+"""
+Stage 09: the results table and pictures of a run (and of its extra seeds), from the files the
+stages wrote. Nothing here is typed in by hand: every number comes from a results.json or a
+metrics.jsonl, so the README's Results section is what this script printed.
+
+Reads  <run-dir>[-s1, -s2, ...]/07_eval/<label>/results.json   accuracy, 95% Wilson interval
+       <run-dir>[-sK]/{05_train_dpo,05_train_cdpo,06_train_stepdpo,03_contrastive_sft}/...
+                                                               metrics.jsonl (training cost)
+       <run-dir>/08_critical_tokens/study.json, 02_localize/summary.json (when present)
+Writes <run-dir>/results.md             the table (mean and spread over seeds), the studies
+       <run-dir>/training_curves.png    loss, reward margin, reward accuracy per method
+
+  python 09_report.py --run-dir runs/toy --seeds 3
+"""
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from common import fail, read_jsonl
+
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--run-dir", default="runs/toy", help="run directory (seed 0)")
+parser.add_argument("--seeds", type=int, default=1,
+                    help="seeds to gather: seed k > 0 lives in <run-dir>-s<k>")
+parser.add_argument("--out", default=None, help="markdown output (default: <run-dir>/results.md)")
+
+# label in 07_eval -> (row name, training output dir, metrics file in it)
+METHODS = [
+    ("base", "base (toy model)", None, None),
+    ("sft", "SFT (positive model of 03)", "03_contrastive_sft", "metrics_pos.jsonl"),
+    ("dpo", "DPO (05 --uniform)", "05_train_dpo", "metrics.jsonl"),
+    ("cdpo", "cDPO (05)", "05_train_cdpo", "metrics.jsonl"),
+    ("stepdpo", "Step-DPO (06)", "06_train_stepdpo", "metrics.jsonl"),
+]
+
+
+def run_dirs(run_dir: Path, seeds: int) -> list[Path]:
+    return [run_dir] + [run_dir.with_name(f"{run_dir.name}-s{k}") for k in range(1, seeds)]
+
+
+def training_cost(path: Path) -> tuple[int, float] | None:
+    """(optimizer steps, seconds) from a metrics.jsonl: one record per step with its dt."""
+    if not path.exists():
+        return None
+    recs = read_jsonl(path)
+    return len(recs), sum(r.get("dt", 0.0) for r in recs)
+
+
+def mean_spread(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def table(dirs: list[Path]) -> list[str]:
+    lines = [f"| method | accuracy % (seed 0) [95% CI] | accuracy % over {len(dirs)} seed(s) "
+             "| n | unparsed | train steps | train s |", "|---|---|---|---|---|---|---|"]
+    for label, name, train_dir, metrics in METHODS:
+        res = [d / "07_eval" / label / "results.json" for d in dirs]
+        res = [json.loads(p.read_text()) for p in res if p.exists()]
+        if not res:
+            continue
+        lo, hi = res[0]["ci95"]
+        costs = [training_cost(d / train_dir / metrics) for d in dirs] if train_dir else []
+        costs = [c for c in costs if c]
+        steps = f"{costs[0][0]}" if costs else "-"
+        secs = f"{statistics.mean(c[1] for c in costs):.0f}" if costs else "-"
+        lines.append(f"| {name} | {100 * res[0]['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"| {mean_spread([r['accuracy'] for r in res])} ({len(res)}) | {res[0]['n']} "
+                     f"| {res[0]['n_unparsed']} | {steps} | {secs} |")
+    return lines
+
+
+def plot_curves(run_dir: Path, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    drawn = False
+    for _, name, train_dir, metrics in METHODS[2:]:
+        f = run_dir / train_dir / metrics
+        if not f.exists():
+            continue
+        recs = read_jsonl(f)
+        steps = [r["step"] for r in recs]
+        for ax, key in zip(axes, ("loss", "margin", "reward_acc")):
+            ax.plot(steps, [r[key] for r in recs], label=name)
+            ax.set(title=key, xlabel="optimizer step")
+        drawn = True
+    if drawn:
+        axes[0].axhline(0.6931, color="grey", lw=0.8, ls=":")  # ln 2, the step-0 loss
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    return drawn
+
+
+def studies(run_dir: Path) -> list[str]:
+    lines = []
+    loc = run_dir / "02_localize" / "summary.json"
+    if loc.exists():
+        s = json.loads(loc.read_text())
+        lines += ["", "### Step-DPO localization (02)", "",
+                  f"{s.get('pairs')} pairs from {s.get('samples_processed')} wrong samples; "
+                  f"{s.get('rollouts_per_sample', 0):.1f} rollouts per sample; located step = exact "
+                  f"first wrong step for {100 * s.get('oracle_agreement', 0):.0f}% of samples."]
+    study = run_dir / "08_critical_tokens" / "study.json"
+    if study.exists():
+        s = json.loads(study.read_text())
+        ks = s["k"]
+        lines += ["", "### Critical tokens (08): pass@k when the critical token is kept or "
+                  "replaced", "",
+                  f"Critical token found in {s['with_critical']} of {s['answers']} wrong answers.",
+                  "", "| k | " + " | ".join(map(str, ks)) + " |", "|---" * (len(ks) + 1) + "|",
+                  "| replaced | " + " | ".join(f"{100 * v:.1f}" for v in s["pass_at_k_without"])
+                  + " |",
+                  "| kept | " + " | ".join(f"{100 * v:.1f}" for v in s["pass_at_k_with"]) + " |",
+                  "", "Contrastive-estimation weights (04) vs the rollout critical token: mean "
+                  f"rank {s['weight_rank_mean']:.1f}; precision@1/3/5 " +
+                  " / ".join(f"{s['precision_at_k'][k]:.2f}" for k in ("1", "3", "5")) +
+                  " (chance " + " / ".join(f"{s['chance_at_k'][k]:.2f}" for k in ("1", "3", "5"))
+                  + ").", "", "![pass@k](08_critical_tokens/pass_at_k.png)"]
+    return lines
+
+
+def main(args):
+    run_dir = Path(args.run_dir)
+    dirs = [d for d in run_dirs(run_dir, args.seeds) if d.exists()]
+    if not (run_dir / "07_eval").exists():
+        fail(f"{run_dir}/07_eval: no evaluations yet; run 07_eval.py first")
+    lines = ["# Results: toy world", "",
+             f"Greedy accuracy on the toy test split; seeds: {', '.join(d.name for d in dirs)}.",
+             "Training cost = optimizer steps and seconds of the training stage (mean over seeds).",
+             ""] + table(dirs)
+    if plot_curves(run_dir, run_dir / "training_curves.png"):
+        lines += ["", "![training curves](training_curves.png)"]
+    lines += studies(run_dir)
+    lines += ["", "Critical-token heatmap: [04_score_tokens/critical_tokens.html]"
+              "(04_score_tokens/critical_tokens.html)"]
+    out = Path(args.out or run_dir / "results.md")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

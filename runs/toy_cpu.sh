@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The toy demo: every stage, 00 -> 09, on the embedded toy world, on a CPU (~15 min on 2 cores).
+#   bash runs/toy_cpu.sh            (what `make demo` runs)
+#   SEEDS=3 bash runs/toy_cpu.sh    the training stages again with seeds 1 and 2 (runs/toy-s1, -s2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUN=${RUN:-runs/toy}
+SEEDS=${SEEDS:-1}
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+
+# 00: problems, tokenizer and a 0.86M-parameter Llama trained to ~50% accuracy (~4 min).
+if [ ! -f "$RUN/00_toy/model/model.safetensors" ]; then
+  $PY 00_toy.py \
+    --run-dir "$RUN"
+fi
+
+# 01: 8 samples at temperature 1 for each of 800 training problems, graded (~1 min).
+$PY 01_sample.py \
+  --run-dir "$RUN" \
+  --limit 800 \
+  --n 8
+
+# 02: Step-DPO pairs: first wrong step by binary-search rollouts, self-rectified (~2 min).
+$PY 02_localize.py \
+  --run-dir "$RUN"
+
+# 07: the base model on the toy test split (~10 s).
+$PY 07_eval.py \
+  --run-dir "$RUN" \
+  --model "$RUN/00_toy/model" \
+  --label base
+
+for seed in $(seq 0 $((SEEDS - 1))); do
+  dir=$RUN
+  if [ "$seed" != 0 ]; then  # a sibling run dir that shares the seed-independent stages
+    dir=$RUN-s$seed
+    mkdir -p "$dir"
+    for stage in 00_toy 01_sample 02_localize; do
+      ln -sfn "$(realpath "$RUN/$stage")" "$dir/$stage"
+    done
+    mkdir -p "$dir/07_eval" && ln -sfn "$(realpath "$RUN/07_eval/base")" "$dir/07_eval/base"
+  fi
+
+  # 03: cDPO data selection, then the positive and negative SFT models (~2 min).
+  $PY 03_contrastive_sft.py \
+    --run-dir "$dir" \
+    --seed "$seed"
+
+  # 04: contrastive-estimation weight of every rejected token + critical_tokens.html (~20 s).
+  $PY 04_score_tokens.py \
+    --run-dir "$dir"
+
+  # 05: plain DPO (the baseline) and cDPO from the base model (~1 min each).
+  $PY 05_train_cdpo.py \
+    --run-dir "$dir" \
+    --uniform \
+    --seed "$seed"
+  $PY 05_train_cdpo.py \
+    --run-dir "$dir" \
+    --seed "$seed"
+
+  # 06: Step-DPO from the base model on the pairs of 02 (~1 min).
+  $PY 06_train_stepdpo.py \
+    --run-dir "$dir" \
+    --seed "$seed"
+
+  # 07: every trained model on the same held-out toy test split (~10 s each).
+  $PY 07_eval.py \
+    --run-dir "$dir" \
+    --model "$dir/03_contrastive_sft/pos" --label sft \
+    --model "$dir/05_train_dpo/model" --label dpo \
+    --model "$dir/05_train_cdpo/model" --label cdpo \
+    --model "$dir/06_train_stepdpo/model" --label stepdpo
+done
+
+# 08: the critical-token study on the base model (~2 min).
+$PY 08_critical_tokens.py \
+  --run-dir "$RUN"
+
+# 09: results.md and the training curves, from the files above.
+$PY 09_report.py \
+  --run-dir "$RUN" \
+  --seeds "$SEEDS"
