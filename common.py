@@ -160,11 +160,25 @@ class ResumableJsonl:
     the order of `ids` and removes the parts.
     """
 
-    def __init__(self, path, rank: int = 0):
+    def __init__(self, path, rank: int = 0, fingerprint: dict | None = None):
         self.path = Path(path)
         self.part = self.path.with_name(f"{self.path.name}.part{rank}")
         self.part.parent.mkdir(parents=True, exist_ok=True)
         self.done = {}
+        if fingerprint is not None:  # resume only what the same model and settings produced
+            stamp = self.path.with_name(f"{self.path.name}.fingerprint.json")
+            same = stamp.exists() and json.loads(stamp.read_text()) == json.loads(
+                json.dumps(fingerprint))
+            barrier()  # every rank has read the stamp before rank 0 changes anything
+            if not same and rank == 0:
+                stale = [self.path, *self.path.parent.glob(f"{self.path.name}.part*")]
+                if any(p.exists() for p in stale):
+                    print(f"{self.path}: written with another model or settings; starting afresh",
+                          file=sys.stderr)
+                for p in stale:
+                    p.unlink(missing_ok=True)
+                write_json(stamp, fingerprint)
+            barrier()
         for part in self.path.parent.glob(f"{self.path.name}.part*"):
             self._load(part, truncate=part == self.part)
         if self.path.exists():  # a finished earlier run: everything in it is done
@@ -209,6 +223,14 @@ class ResumableJsonl:
 
     def close(self):
         self._f.close()
+
+
+def model_fingerprint(path) -> dict:
+    """What identifies a model's weights for resume checks: a local dir's safetensors files with
+    their sizes and modification times (a retrained model gets new ones), or the hub id."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    return {"model": str(path),
+            "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ def toy_samples(run, n: int, seed: int = 0) -> list[dict]:
     for line in list((run / "00_toy" / "train.jsonl").open())[:n]:
         rec = json.loads(line)
         gold = str(rec["step_values"][-1])
-        texts = [toy_solution(rec)] + [toy_solution(rec, slip=slip_for(rec, rng)) for _ in "ab"]
+        texts = [toy_solution(rec)]
+        while len(texts) < 3:  # two different wrong answers
+            texts = list(dict.fromkeys(texts + [toy_solution(rec, slip=slip_for(rec, rng))]))
         out.append({"id": rec["id"], "question": rec["question"], "answer": gold,
                     "prompt": "Question: " + rec["question"] + "\nAnswer:",
                     "step_values": rec["step_values"], "solution": rec["answer"],
@@ -226,7 +228,7 @@ def test_oracle_first_wrong_step_on_toy_texts(toy_world):
 
 def args_for(run, model, *extra):
     return loc.parser.parse_args(["--run-dir", str(run), "--model", str(model), "--rollouts", "4",
-                                  "--batch-size", "16", "--max-new-tokens", "48", *extra])
+                                  "--batch-size", "16", "--max-new-tokens", "32", *extra])
 
 
 def read(path):

@@ -17,7 +17,7 @@ from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv
 
 sample = load_stage("01_sample")
 evaluate = load_stage("07_eval")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # a 0.04M model needs no threads
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 SAMPLE_ARGS = ["--limit", "12", "--n", "3", "--max-new-tokens", "24", "--seed", "1"]
 EVAL_ARGS = ["--limit", "10", "--n", "2", "--temperature", "1", "--max-new-tokens", "24"]
 
@@ -29,6 +29,15 @@ def lines(path):
 def run_stage(stage, *argv):
     """A stage's main() in this process (no interpreter start-up), like the command line."""
     stage.main(stage.parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 0.04M-parameter model gains nothing from threads, and on a busy machine loses a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
