@@ -14,8 +14,9 @@ clear first wrong step (Step-DPO) and a clear critical token (cDPO).
 Writes <run-dir>/00_toy/: model/ (HF Llama + tokenizer, model.safetensors), train/dev/test.jsonl
 ({id, question, answer: "Step k: a op b = c" lines then "#### N", step_values}, GSM8K format) and
 summary.json (steps, seconds, dev and greedy test accuracy, first wrong step of wrong answers).
-Same --seed, same files and weights. CPU only:
-  python 00_toy.py --run-dir runs/toy        # ~4 min on 2 cores
+Same --seed, same files and weights (also across thread counts, checked for 1 and 2). CPU only:
+  python 00_toy.py --run-dir runs/toy        # ~4 min on 2 idle cores
+On a busy machine OMP_NUM_THREADS=1 runs several times faster than torch's default threads.
 """
 import argparse
 import json

@@ -23,9 +23,10 @@ line. Under torchrun rank r samples problems r, r+W, ... into its own part file 
 them in problem order: the same file as one process writes.
 
   python 01_sample.py --run-dir runs/toy                                      # CPU, toy world
-  torchrun --nproc_per_node=8 01_sample.py --run-dir runs/l3-8b \\
+  torchrun --nproc_per_node=8 -- 01_sample.py --run-dir runs/l3-8b \\
       --model meta-llama/Meta-Llama-3-8B --data ../shared/data/gsm8k/train.jsonl \\
       --n 64 --temperature 0.5 --top-p 0.95 --max-new-tokens 1024 --batch-size 256 --bf16
+(the `--` keeps torchrun from reading --n as an abbreviation of its own --nnodes / --nproc-per-node)
 """
 import argparse
 import json
@@ -112,7 +113,7 @@ def main(args):
         changed = [k for k in SHAPES_SAMPLES if prev.get(k) != config[k]]
         if changed:
             fail(f"{out} holds samples of another config ({', '.join(changed)}); "
-                 f"pass --out or delete it")
+                 "pass --out or delete it")
     problems = load_problems(args.data, args.split)
     problems = problems[:args.limit] if args.limit > 0 else problems
     if not problems:

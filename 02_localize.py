@@ -11,6 +11,13 @@ solve the problem at all and the sample is skipped. Binary search over j needs a
 ceil(log2 n) + 1 probes (the default); --scan linear probes p_0, p_1, ... in order. The two agree
 whenever rate falls monotonically with j.
 
+Defaults are the toy run's, measured against the toy world's exact first wrong step: the toy model
+often writes a wrong value and then goes on from the right one (a second, compensating slip), so
+a prefix holding the wrong step still reaches the gold answer in ~1 of 16 rollouts on average, and
+a right prefix of a weak model fails all of them ~20% of the time. Threshold 0 at temperature 1
+located the exact step in 70% of 605 samples; at most 1 success in 8 at temperature 0.5 in 80% of
+480 (fewer samples pass p_0). Pass --threshold 0 --temperature 1 for the paper's rule.
+
 Rectification: the first step of each distinct successful continuation of p_{k-1} is a `chosen`,
 s_k is `rejected` (context = prompt + s_1..s_{k-1}); more continuations are sampled, up to
 --rectify-budget, only when p_{k-1} has no successful one yet (judge mode). With --judge-url an
@@ -20,13 +27,17 @@ step graded neutral or incorrect; an unparsable verdict is counted and skipped).
 Reads  <run-dir>/01_sample/samples.jsonl   {id, question, answer, prompt, samples: [{text, pred,
                                             correct}]} (+ step_values in the toy world)
 Writes <run-dir>/02_localize/records.jsonl  one record per wrong sample (resume state, audit)
+       <run-dir>/02_localize/config.json    the flags those records depend on (checked on resume)
        <run-dir>/02_localize/pairs.jsonl    {id, problem_id, prompt, prefix, chosen, rejected,
                                             step_idx, rollouts: {j: successes}, answer}
-       <run-dir>/02_localize/summary.json   counts, rollouts per sample, oracle agreement (toy)
+       <run-dir>/02_localize/summary.json   counts, rollouts per sample, and in the toy world
+                                            oracle agreement and pair precision (chosen step
+                                            right and rejected step wrong, by step_values)
 
   python 02_localize.py --run-dir runs/toy                                     # CPU, toy world
-  torchrun --nproc_per_node=8 02_localize.py --run-dir runs/l3-8b --model meta-llama/Meta-Llama-3-8B \\
-      --bf16 --batch-size 256 --max-new-tokens 512 --temperature 0.8 --top-p 0.95
+  torchrun --nproc_per_node=8 02_localize.py --run-dir runs/l3-8b \\
+      --model meta-llama/Meta-Llama-3-8B --bf16 --batch-size 256 --max-new-tokens 512 \\
+      --temperature 0.8 --top-p 0.95 --threshold 0
 """
 import argparse
 import json
@@ -60,14 +71,15 @@ parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 # localization
 parser.add_argument("--per-problem", type=int, default=2, help="wrong samples used per problem")
 parser.add_argument("--rollouts", type=int, default=8, help="continuations sampled per prefix")
-parser.add_argument("--threshold", type=float, default=0.0, help="a prefix whose success rate is "
-                    "at or below this counts as unrecoverable")
+parser.add_argument("--threshold", type=float, default=0.125, help="a prefix whose success rate "
+                    "is at or below this counts as unrecoverable (0.125: at most 1 of 8; 0: the "
+                    "paper's 'no rollout succeeds')")
 parser.add_argument("--scan", choices=["binary", "linear"], default="binary",
                     help="binary search over prefixes, or probe them all in order")
 parser.add_argument("--rectify-budget", type=int, default=32, help="most continuations of "
                     "p_{k-1} sampled in search of a correct step")
 # sampling
-parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+parser.add_argument("--temperature", type=float, default=0.5, help="rollout temperature")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
 parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per continuation")
 parser.add_argument("--stop", nargs="*", default=STOP_STRINGS, help="stop strings (default: "
@@ -86,6 +98,11 @@ parser.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                     help="environment variable holding the bearer token (unset: none sent)")
 parser.add_argument("--judge-workers", type=int, default=8, help="judge requests in flight")
 parser.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request")
+
+# config that the records already in --out depend on: a resumed run must not change it
+SHAPES_RECORDS = ("model", "samples", "seed", "per_problem", "rollouts", "threshold", "scan",
+                  "rectify_budget", "temperature", "top_p", "max_new_tokens", "stop", "judge_url",
+                  "judge_model", "judge_prompt")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -173,14 +190,20 @@ def localize_job(n: int, rollouts: int, budget: int, threshold: float, scan: str
 STEP_LINE = re.compile(r"\s*Step (\d+): (-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?:\n|$)")
 
 
+def step_is_right(step: str, k: int, step_values: list[int]) -> bool:
+    """Is `step` the line `Step k: a op b = c` with the true value c = step_values[k-1]?"""
+    m = STEP_LINE.match(step)
+    return k <= len(step_values) and m is not None and int(m[1]) == k and \
+        int(m[5]) == step_values[k - 1]
+
+
 def oracle_first_wrong(steps: list[str], step_values: list[int]) -> int:
     """First k whose step does not begin with the line `Step k: a op b = c`, c = step_values[k-1]
     (missing or malformed counts as wrong). When every value is right the ending went wrong:
     split_steps keeps "The answer is N." in the last step, so that step (or a superfluous one
     after the last value) is the first wrong one."""
-    for k, value in enumerate(step_values, 1):
-        m = STEP_LINE.match(steps[k - 1]) if k <= len(steps) else None
-        if m is None or int(m[1]) != k or int(m[5]) != value:
+    for k in range(1, len(step_values) + 1):
+        if k > len(steps) or not step_is_right(steps[k - 1], k, step_values):
             return k
     return min(len(step_values) + 1, len(steps))
 
@@ -248,7 +271,7 @@ def ask_judge(url: str, model: str, message: str, key: str | None, timeout: floa
 
 
 def select_samples(problems: list[dict], per_problem: int) -> list[dict]:
-    """Up to per_problem distinct wrong answers per problem, keyed '<problem id>-s<sample index>'."""
+    """Up to per_problem distinct wrong answers per problem, keyed '<problem id>-s<index>'."""
     out = []
     for rec in problems:
         seen = set()
@@ -269,6 +292,14 @@ def main(args):
     if not 0 <= args.threshold < 1:
         fail(f"--threshold {args.threshold}: must be in [0, 1)")
     print0(f"config: {json.dumps(vars(args))}")
+    if (out / "config.json").exists():
+        prev = json.loads((out / "config.json").read_text())
+        changed = [k for k in SHAPES_RECORDS if prev.get(k) != vars(args)[k]]
+        if changed:
+            fail(f"{out} holds records of another config ({', '.join(changed)}); "
+                 f"pass --out or delete it")
+    elif rank == 0:
+        write_json(out / "config.json", vars(args))
     problems = read_jsonl(samples_path, {"id": str, "prompt": str, "answer": (str, int, float),
                                          "samples": list})
     problems = problems[:args.limit] if args.limit else problems
@@ -405,6 +436,8 @@ def write_outputs(out: Path, records: list[dict], problems: dict, config: dict):
                "samples_with_pairs": sum(bool(r["pairs"]) for r in records),
                "skipped": dict(Counter(r["status"] for r in records if r["status"] != "paired")),
                "rollouts_per_sample": sum(r["continuations"] for r in records) / len(records),
+               "rollouts_per_located_sample": sum(r["continuations"] for r in located) /
+               max(1, len(located)),
                "max_rollouts_per_sample": max(r["continuations"] for r in records),
                "step_idx": dict(sorted(Counter(str(r["step_idx"]) for r in located).items()))}
     compared = [r for r in located if "oracle_step" in r]
@@ -414,6 +447,11 @@ def write_outputs(out: Path, records: list[dict], problems: dict, config: dict):
         summary["oracle_compared"] = len(compared)
         offsets = Counter(r["step_idx"] - r["oracle_step"] for r in compared)
         summary["located_minus_oracle"] = {str(d): n for d, n in sorted(offsets.items())}
+        # what Step-DPO trains on: a right step preferred to a wrong one
+        right = [step_is_right(p["chosen"], p["step_idx"], problems[p["problem_id"]]["step_values"])
+                 and not step_is_right(p["rejected"], p["step_idx"],
+                                       problems[p["problem_id"]]["step_values"]) for p in pairs]
+        summary["pair_precision"] = sum(right) / max(1, len(right))
     summary["config"] = config
     write_json(out / "summary.json", summary)
     print0(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"

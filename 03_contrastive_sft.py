@@ -27,7 +27,7 @@ Writes  <run-dir>/03_contrastive_sft/
           metrics_{pos,neg}.jsonl  per optimizer step: step, loss, grad_norm, lr, tokens_per_s, dt
           summary.json           selection counts, training figures, config
 
-Toy world (2 CPU cores, ~15 s for both models):
+Toy world (2 CPU cores, ~40 s for both models on 800 problems x 8 samples):
     python 03_contrastive_sft.py --run-dir runs/toy
 Many GPUs (the released 8B recipe: LoRA r 8, lr 3e-4 cosine, 1 epoch, batch 6):
     torchrun --nproc_per_node 8 03_contrastive_sft.py --run-dir runs/llama3-8b-gsm8k \\
@@ -36,7 +36,8 @@ Many GPUs (the released 8B recipe: LoRA r 8, lr 3e-4 cosine, 1 epoch, batch 6):
 Released settings (PAPERS.md A4): LoRA r 8 / alpha 16 / dropout 0.1 on gate, up, down_proj; lr 3e-4,
 cosine, 100 warmup steps; 1 epoch; batch 6 (70B: 2 x accumulation 3); max length 1024; bf16; the
 last 300 examples held out for validation (not done here). Toy defaults below: full tuning,
-lr 2e-4, 3 epochs, batch 16, cosine, warmup 0.1.
+lr 2e-4, 3 epochs, batch 16, cosine, warmup 0.1 (toy test accuracy, one seed: base 43.2%,
+positive model 60.6%).
 """
 import argparse
 import json
@@ -56,15 +57,17 @@ from common import (add_training_args, adamw, all_reduce_sum, autocast_for, clip
                     lr_at, MetricsLog, pad_right, print0, read_jsonl, save_checkpoint, save_model,
                     seed_for, token_logps, write_json, write_jsonl)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 g = parser.add_argument_group("run")
-g.add_argument("--run-dir", default="runs/toy", help="run directory shared by all stages")
+g.add_argument("--run-dir", default="runs/toy",
+               help="run directory shared by all stages (%(default)s)")
 g.add_argument("--model", default="", help="initial model of both (default <run-dir>/00_toy/model)")
 g.add_argument("--data", default="", help="samples (default <run-dir>/01_sample/samples.jsonl)")
 g.add_argument("--out", default="", help="output dir (default <run-dir>/03_contrastive_sft)")
 g.add_argument("--limit", type=int, default=0, help="use the first K problems (0 = all)")
-g.add_argument("--seed", type=int, default=0, help="representatives, tie order and data order")
+g.add_argument("--seed", type=int, default=0,
+               help="representatives, tie order, data order (%(default)s)")
 g.add_argument("--which", default="pos,neg", help="models to train: pos, neg or pos,neg")
 g = parser.add_argument_group("selection")
 g.add_argument("--pos-top-k", type=int, default=1, help="correct groups per problem (released: 1)")

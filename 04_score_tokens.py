@@ -153,7 +153,8 @@ line-height:1.75;border:1px solid #eaeef2;border-radius:6px;padding:8px 10px;bac
 <div class="sub">{subtitle}</div>
 <div class="legend"><span>weight 1 − p<sub>CE</sub> on each rejected token:</span>
 <span>0</span><span class="bar"></span><span>1</span>
-<span style="color:#57606a">(dark = the positive model disowns the token; hover for the value)</span></div>
+<span style="color:#57606a">(dark = the positive model disowns the token; hover for the value)
+</span></div>
 {cards}
 </body></html>
 """

@@ -21,7 +21,7 @@ Writes  <run-dir>/05_train_cdpo/  (05_train_dpo/ with --uniform)
                                rejected_reward, margin, grad_norm, lr, tokens_per_s, dt
           checkpoints/         with --save-every (sharded torch.distributed.checkpoint)
 
-Toy world (2 CPU cores, ~20 s):
+Toy world (2 CPU cores, ~30 s each on ~550 pairs: 102 steps of ~0.2 s, 3 s of reference):
     python 05_train_cdpo.py --run-dir runs/toy
     python 05_train_cdpo.py --run-dir runs/toy --uniform          # the DPO baseline
 Many GPUs (FSDP2; the batch is global, each rank takes its share):
@@ -35,7 +35,8 @@ alpha 32, dropout 0 on q,k,v,o,gate,up,down_proj; AdamW lr 4e-5, linear decay, w
 weight decay 0.01; 3 epochs; global batch 8 (2 x accumulation 4); beta 0.1; pairs kept only when
 the prompt is < 512 and prompt + response < 1024 tokens; shuffle seed 33. 70B on 8 x 80 GB: LoRA
 as above, or full tuning with --cpu-offload (README's memory table). Toy defaults below: full
-tuning, lr 1e-4, 3 epochs, batch 16, warmup 0.1, linear decay, beta 0.1.
+tuning, lr 3e-5, 3 epochs, batch 16, warmup 0.1, linear decay, beta 0.1 (toy test accuracy,
+one seed: base 43.2%, DPO 34.4%, cDPO 60.0%; at lr 1e-4 DPO 23.2%, cDPO 57.4%).
 """
 import argparse
 import json
@@ -54,25 +55,27 @@ from common import (add_training_args, adamw, all_reduce_sum, autocast_for, clip
                     MetricsLog, print0, read_jsonl, reference_logps, save_checkpoint, save_model,
                     token_logps)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 g = parser.add_argument_group("run")
-g.add_argument("--run-dir", default="runs/toy", help="run directory shared by all stages")
+g.add_argument("--run-dir", default="runs/toy",
+               help="run directory shared by all stages (%(default)s)")
 g.add_argument("--model", default="",
                help="initial policy = reference (default <run-dir>/00_toy/model)")
 g.add_argument("--data", default="", help="pairs (default <run-dir>/04_score_tokens/pairs.jsonl)")
 g.add_argument("--out", default="", help="output dir (default <run-dir>/05_train_cdpo, or "
                                          "05_train_dpo with --uniform)")
 g.add_argument("--limit", type=int, default=0, help="use the first K pairs (0 = all)")
-g.add_argument("--seed", type=int, default=0, help="data order")
+g.add_argument("--seed", type=int, default=0, help="data order (%(default)s)")
 g = parser.add_argument_group("loss")
-g.add_argument("--beta", type=float, default=0.1, help="DPO temperature (released: 0.1)")
+g.add_argument("--beta", type=float, default=0.1,
+               help="DPO temperature (%(default)s, the released value)")
 g.add_argument("--form", default="sequence", choices=["sequence", "position"],
-               help="sequence: the paper's loss; position: the released code's per-position loss")
+               help="sequence: the paper's loss (default); position: the released code's")
 g.add_argument("--uniform", action="store_true", help="all weights 1: plain DPO, the baseline")
 g.add_argument("--weight-chosen", action="store_true",
                help="weight the chosen side by chosen_weights too (released default: off)")
-add_training_args(parser, lr=1e-4, epochs=3, batch_size=16, micro_batch_size=16,
+add_training_args(parser, lr=3e-5, epochs=3, batch_size=16, micro_batch_size=16,
                   warmup_ratio=0.1, schedule="linear", weight_decay=0.0, max_length=1024)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,10 +114,11 @@ def cdpo_position_loss(policy_logps, ref_logps, weights, beta: float):
     Chosen token t is compared with rejected token t of the same absolute position (both right
     padded to the batch's common length T); prompt and padding positions have D = 0 on both sides
     and add the constant log 2 with no gradient, diluting the mean. T depends on what else is in
-    the micro-batch, so unlike the sequence form this loss changes with --micro-batch-size, as it
-    did in the released code (2 pairs per device). Shapes as in cdpo_loss. Returns per-pair
-    losses (B,) = row means over the T-1 positions (their mean is the released micro-batch loss)
-    and the sequence-level rewards beta * sum_t w_bt D_bt (B,), (B,) for logging.
+    the micro-batch, so unlike the sequence form this loss changes with --micro-batch-size and the
+    number of ranks, as it did in the released code (2 pairs per device). Shapes as in
+    cdpo_loss. Returns per-pair losses (B,) = row means over the T-1 positions (their mean is the
+    released micro-batch loss) and the sequence-level rewards beta * sum_t w_bt D_bt (B,), (B,)
+    for logging.
     """
     delta = (policy_logps - ref_logps) * weights  # (2B, T-1)
     B = delta.shape[0] // 2
@@ -154,6 +158,8 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
     total = args.max_steps or args.epochs * (len(pairs) // B)
     warmup = round(args.warmup_ratio * total)
     ckpt = out / "checkpoints"
+    if rank == 0 and not args.resume and ckpt.exists():  # a fresh run starts clean
+        shutil.rmtree(ckpt)
     step = load_checkpoint(ckpt, model, opt) if args.resume else 0
     if step:
         print0(f"resumed at step {step} from {ckpt}")
@@ -211,8 +217,8 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
 
 
 def prepare_run(args, default_out: str, default_data: str):
-    """Resolve the paths, check the batch against the ranks, start a clean output dir (kept
-    with --resume); returns out, model path, data path and the config (shared with 06)."""
+    """Resolve the paths and check the batch against the ranks; returns out, model path, data
+    path and the config (shared with 06)."""
     run = Path(args.run_dir)
     out = Path(args.out or run / default_out)
     model_path = args.model or str(run / "00_toy" / "model")
@@ -221,10 +227,6 @@ def prepare_run(args, default_out: str, default_data: str):
         fail("--batch-size and --micro-batch-size must be >= 1")
     if args.batch_size % get_world():
         fail(f"--batch-size {args.batch_size} is not divisible by {get_world()} ranks")
-    if get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume and (out / "checkpoints").exists():  # a fresh run starts clean
-            shutil.rmtree(out / "checkpoints")
     config = {**vars(args), "model": model_path, "data": str(data), "out": str(out),
               "world": get_world()}
     return out, model_path, data, config

@@ -24,8 +24,10 @@ Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, g
   python 07_eval.py --run-dir runs/toy --model runs/toy/05_train_cdpo/model \\
       --model runs/toy/06_train_stepdpo/model                                 # side by side
   python 07_eval.py --run-dir runs/toy --summary                              # table only
-  torchrun --nproc_per_node=8 07_eval.py --run-dir runs/l3-8b --model runs/l3-8b/05_train_cdpo/model \\
-      --data ../shared/data/gsm8k/test.jsonl --max-new-tokens 512 --batch-size 256 --bf16
+  torchrun --nproc_per_node=8 -- 07_eval.py --run-dir runs/l3-8b \\
+      --model runs/l3-8b/05_train_cdpo/model --data ../shared/data/gsm8k/test.jsonl \\
+      --max-new-tokens 512 --batch-size 256 --bf16
+(with --n, the `--` keeps torchrun from reading it as an abbreviation of its own options)
 """
 import argparse
 import json
@@ -180,16 +182,17 @@ def write_summary(out: Path) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
-def evaluate(args, model_path: str, label: str, problems: list[dict], out: Path, rank: int,
+def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: Path, rank: int,
              world: int, device) -> dict | None:
     """One model: generate and grade (resumable), then rank 0 merges and writes its results."""
     config = {**{k: v for k, v in vars(args).items() if k not in ("model", "label", "summary")},
               "model": model_path, "label": label, "stop": STOP_STRINGS}
     model = load_model(model_path, device, torch.bfloat16 if args.bf16 else torch.float32,
                        args.trust_remote_code).eval()
-    tok = load_tokenizer(model_path, args.trust_remote_code)
     prompts = {p["id"]: format_prompt(p["question"], args.template, tok) for p in problems}
     store = ResumableJsonl(out / "generations.jsonl", rank)
+    if any(len(r.get("samples", [r])) != args.n for r in store.done.values()):
+        fail(f"{out}/generations.jsonl holds records with another --n; pass another --label")
     todo = [p for p in problems[rank::world] if p["id"] not in store.done]
     print0(f"[{label}] {len(problems)} problems | {len(problems) - len(store.done)} to do on "
            f"{world} rank(s)")
@@ -282,8 +285,9 @@ def main(args):
             changed = [k for k in SHAPES_RESULTS if prev.get(k) != new[k]]
             if changed:
                 fail(f"{out_root / label} holds results of another config ({', '.join(changed)})"
-                     f"; pass another --label or delete it")
-        load_tokenizer(model, args.trust_remote_code)  # a missing model stops here, not midway
+                     "; pass another --label or delete it")
+    # a missing second model stops here, not after the first model's results are written
+    toks = [load_tokenizer(m, args.trust_remote_code) for m in models]
     problems = load_problems(args.data, args.split)
     problems = problems[:args.limit] if args.limit > 0 else problems
     if not problems:
@@ -291,8 +295,8 @@ def main(args):
     print0(f"config: {json.dumps({**vars(args), 'model': models, 'label': labels})}")
 
     # One model after the other, then the comparison table
-    results = [evaluate(args, m, label, problems, out_root / label, rank, world, device)
-               for m, label in zip(models, labels)]
+    results = [evaluate(args, m, tok, label, problems, out_root / label, rank, world, device)
+               for m, tok, label in zip(models, toks, labels)]
     if rank == 0:
         write_summary(out_root)
         if len(results) > 1:

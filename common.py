@@ -15,6 +15,7 @@ This file holds what two or more stages share:
                clip_grad_norm, save_checkpoint / load_checkpoint (torch.distributed.checkpoint),
                MetricsLog (JSONL + one '|' line per step), Progress (one updating line with ETA)
 """
+import functools
 import hashlib
 import json
 import math
@@ -405,9 +406,10 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
 # Sampling
 
 
-def _sample_rows(logits, temperature, top_p, gens):
-    """One next token per row. logits (B, V). Greedy when temperature == 0; otherwise nucleus
-    sampling, each row drawing from its own generator so rows do not depend on each other."""
+def _sample_rows(logits, temperature, top_p, u):
+    """One next token per row. logits (B, V); u (B,) uniforms in [0, 1). Greedy when
+    temperature == 0; otherwise nucleus sampling by inverting each row's CDF at its own u, so a
+    row's draw depends on its logits and its seed only, never on the other rows."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
@@ -415,7 +417,22 @@ def _sample_rows(logits, temperature, top_p, gens):
         sorted_p, idx = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
-    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(gens)])
+    # Invert in vocabulary order: sorted order could be reshuffled by near-ties between batches
+    cdf = probs.cumsum(-1)  # (B, V)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # (B, 1): first cdf > u
+    return pick.clamp_(max=cdf.shape[-1] - 1)[:, 0]
+
+
+@functools.lru_cache(maxsize=8)
+def _may_end_stop(tok, stop: tuple[str, ...], vocab: int) -> torch.Tensor:
+    """(vocab,) bool: tokens that could complete a stop string (their text holds a stop string's
+    last character, or a partial UTF-8 byte), so generate decodes a row's tail only after them."""
+    if any(not s or s[-1].isspace() for s in stop):  # spaces decode apart from context: check all
+        return torch.ones(vocab, dtype=torch.bool)
+    n = min(vocab, len(tok))
+    pieces = tok.batch_decode([[i] for i in range(n)])
+    ends = {s[-1] for s in stop} | {"\ufffd"}
+    return torch.tensor([any(c in p for c in ends) for p in pieces] + [True] * (vocab - n))
 
 
 @torch.no_grad()
@@ -423,42 +440,56 @@ def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = Non
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
              stop: tuple[str, ...] = ()) -> list[dict]:
     """Continue each prompt (token ids, BOS included). Left padding + KV cache; a row stops at
-    EOS, at any stop string, or after max_new_tokens. Row i samples with its own generator seeded
-    by seeds[i], so its text does not depend on what else is in the batch.
+    EOS, at any stop string, or after max_new_tokens, and then leaves the batch and the cache.
+    Row i draws its step-t token with uniform t of its own CPU generator seeded by seeds[i], so
+    its text does not depend on the device or on what else is in the batch.
     Returns [{"ids": generated ids (EOS kept if produced), "text": decoded text cut at stop}]."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
-    gens = [torch.Generator(device).manual_seed(s) for s in (seeds or [0] * B)]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out, past = [[] for _ in range(B)], None
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    longest_stop = max((len(s) for s in stop), default=0)
-    for _ in range(max_new_tokens):
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    u = None
+    if temperature > 0:
+        u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s))
+                         for s in (seeds or [0] * B)]).to(device)  # (B, max_new_tokens)
+    out = torch.full((B, max_new_tokens), pad, device=device)  # (B, N) generated ids
+    length = torch.full((B,), max_new_tokens, device=device)  # (B,) ids each row keeps
+    live = torch.arange(B, device=device)  # (b,) the original row of each row still running
+    window = max((len(s) for s in stop), default=0) + 2  # tokens that surely hold a stop string
+    may_stop, past = None, None
+    for t in range(max_new_tokens):
         res = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                     past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        nxt = _sample_rows(res.logits[:, -1], temperature, top_p, gens)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        for i in torch.nonzero(~done).flatten().tolist():
-            out[i].append(int(nxt[i]))
-            if out[i][-1] == tok.eos_token_id:
-                done[i] = True
-            elif stop and any(s in tok.decode(out[i][-longest_stop - 2:]) for s in stop):
-                done[i] = True
-        if done.all():
-            break
-        input_ids = nxt[:, None]  # (B, 1): the cache holds everything before it
+        past, logits = res.past_key_values, res.logits[:, -1]  # (b, V)
+        nxt = _sample_rows(logits, temperature, top_p, None if u is None else u[live, t])  # (b,)
+        out[live, t] = nxt
+        ended = nxt == tok.eos_token_id  # (b,)
+        if stop:  # decode only the tails that may have just completed a stop string
+            if may_stop is None:
+                may_stop = _may_end_stop(tok, tuple(stop), logits.shape[-1]).to(device)
+            check = (may_stop[nxt] & ~ended).nonzero().flatten().tolist()
+            if check:
+                tails = tok.batch_decode(out[live[check], max(0, t + 1 - window):t + 1].tolist())
+                for i, text in zip(check, tails):
+                    ended[i] = any(s in text for s in stop)
+        if ended.any():  # finished rows leave the batch and the KV cache
+            length[live[ended]] = t + 1
+            keep = (~ended).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            past.batch_select_indices(keep)
+            live, nxt, mask, position_ids = live[keep], nxt[keep], mask[keep], position_ids[keep]
+        input_ids = nxt[:, None]  # (b, 1): the cache holds everything before it
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         position_ids = position_ids[:, -1:] + 1
     results = []
-    for ids in out:
-        text = tok.decode(ids, skip_special_tokens=True)
+    for ids, n in zip(out.tolist(), length.tolist()):
+        text = tok.decode(ids[:n], skip_special_tokens=True)
         for s in stop:
             text = text.split(s)[0]
-        results.append({"ids": ids, "text": text})
+        results.append({"ids": ids[:n], "text": text})
     return results
 
 
@@ -629,22 +660,24 @@ def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_
     """The optimization, scale and checkpoint flags of 03, 05 and 06 (one vocabulary); the
     stage passes its own defaults (the toy run)."""
     g = parser.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
-    g.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
+    g.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (%(default)s)")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the data (%(default)s)")
     g.add_argument("--max-steps", type=int, default=0,
                    help="optimizer steps; 0 = epochs * (records // batch size)")
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="records per optimizer step, global (all ranks together)")
+                   help="records per optimizer step, all ranks together (%(default)s)")
     g.add_argument("--micro-batch-size", type=int, default=micro_batch_size,
-                   help="records per forward on one rank; gradients accumulate up to --batch-size")
+                   help="records per forward on one rank; gradients accumulate (%(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
-                   help="share of the steps with linear warmup")
+                   help="share of the steps with linear warmup (%(default)s)")
     g.add_argument("--schedule", default=schedule, choices=["cosine", "linear", "constant"],
-                   help="decay after warmup")
-    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+                   help="decay after warmup (%(default)s)")
+    g.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help="AdamW decay of the matrices (%(default)s)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip at (%(default)s)")
     g.add_argument("--max-length", type=int, default=max_length,
-                   help="records longer than this many tokens (prompt + response) are dropped")
+                   help="drop records longer than this many tokens, prompt + response "
+                        "(%(default)s)")
     g = parser.add_argument_group("scale")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank (alpha 2r); 0 = full tuning")
     g.add_argument("--bf16", action="store_true", help="bf16 compute, float32 master weights")
@@ -657,7 +690,7 @@ def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_
     g.add_argument("--save-every", type=int, default=0,
                    help="sharded checkpoint every N optimizer steps (0 = none)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in <out>/checkpoints")
+                   help="continue from the latest checkpoint in the output dir")
 
 
 def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:

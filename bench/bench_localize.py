@@ -1,6 +1,6 @@
 """Step localization cost: binary search vs linear scan over the prefixes of wrong toy answers.
 
-    python bench/bench_localize.py                      # runs/toy if it has a model, else a tiny one
+    python bench/bench_localize.py           # runs/toy if it has a model, else a tiny one
     python bench/bench_localize.py --run-dir runs/toy --limit 150 --rollouts 8
 
 Runs 02_localize.py twice on the same wrong samples (same seeds, so the same prefix is probed with

@@ -55,7 +55,7 @@ def toy_samples(run, n: int, seed: int = 0) -> list[dict]:
             texts = list(dict.fromkeys(texts + [toy_solution(rec, slip=slip_for(rec, rng))]))
         out.append({"id": rec["id"], "question": rec["question"], "answer": gold,
                     "prompt": "Question: " + rec["question"] + "\nAnswer:",
-                    "step_values": rec["step_values"], "solution": rec["answer"],
+                    "step_values": rec["step_values"], "solution": rec["answer"].split("\n####")[0],
                     "samples": [{"text": t, "pred": t.split()[-1][:-1],
                                  "correct": t.split()[-1][:-1] == gold} for t in texts]})
     return out
@@ -195,7 +195,8 @@ def test_rectification_pairs_from_toy_continuations():
     chosen = loc.distinct_first_steps(rejected, continuations)
     assert chosen == ["Step 2: 19 - 4 = 15\n", "Step 2: 19 - 2 = 17\n"]
     assert all(c != rejected and "</s>" not in c and "The answer" not in c for c in chosen)
-    assert loc.distinct_first_steps("The answer is 9.", ["The answer is 8."]) == ["The answer is 8."]
+    last = loc.distinct_first_steps("The answer is 9.", ["The answer is 8."])
+    assert last == ["The answer is 8."]
 
 
 def test_oracle_first_wrong_step_on_toy_texts(toy_world):
@@ -292,8 +293,8 @@ def solver_generate(records):
             prompt = text[:text.index("\nAnswer:") + len("\nAnswer:")]
             rec, done = by_prompt[prompt], STEP.findall(text[len(prompt):])
             start = int(done[-1][4]) if done else None
-            out.append({"ids": [], "text": toy_solution({"answer": rec["solution"]}, start,
-                                                        first=len(done) + 1)})
+            worked = {"answer": rec["solution"] + "\n#### ?"}  # the gold steps, as in 00_toy
+            out.append({"ids": [], "text": toy_solution(worked, start, first=len(done) + 1)})
         return out
     return generate
 
@@ -310,6 +311,7 @@ def test_exact_rollouts_find_the_oracle_step(toy_world, tmp_path, monkeypatch):
         loc.main(args_for(run, toy_world / "00_toy" / "model", "--scan", scan, "--out", str(out)))
         summary = json.loads((out / "summary.json").read_text())
         assert summary["oracle_agreement"] == 1.0 and summary["located"] == 24
+        assert summary["pair_precision"] == 1.0
         cost[scan] = summary["rollouts_per_sample"]
         pairs = read(out / "pairs.jsonl")
         assert len(pairs) == 24 and len({p["id"] for p in pairs}) == 24  # one right step each
@@ -393,8 +395,8 @@ def test_judge_against_local_server(toy_world, tmp_path):
         loc.main(args_for(tmp_path, toy_world / "00_toy" / "model", "--per-problem", "1",
                           "--judge-url", server.url,
                           "--judge-model", "judge-test", "--judge-prompt", str(template)))
-    assert len(server.requests) == 3
-    path, body = server.requests[0]
+    assert len(server.requests) == 3  # one per sample, sent concurrently
+    path, body = next(r for r in server.requests if records[0]["question"] in str(r))
     assert path == "/v1/chat/completions" and body["model"] == "judge-test"
     msg = body["messages"][0]["content"]
     assert msg.startswith(f"P: {records[0]['question']}\nREF: {records[0]['solution']}")

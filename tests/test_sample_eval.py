@@ -141,8 +141,9 @@ def test_sample_killed_and_restarted_equals_uninterrupted(toy_world, tmp_path, r
 
 
 def test_sample_two_ranks_equal_one(toy_world, tmp_path, ref01):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "--", str(ROOT / "01_sample.py"), "--run-dir", str(toy_world), "--out", str(tmp_path),
+    # `--`: torchrun would read the stage's --n as an abbreviation of its own options
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--", str(ROOT / "01_sample.py"), "--run-dir", str(toy_world), "--out", str(tmp_path),
            "--batch-size", "4", *SAMPLE_ARGS, "--limit", "6"]
     subprocess.run(cmd, env=ENV, check=True, capture_output=True, timeout=120)
     assert lines(tmp_path / "samples.jsonl") == ref01[:6]
@@ -206,6 +207,22 @@ def test_eval_side_by_side_and_summary(toy_world, tmp_path, capsys):
     md = (tmp_path / "summary.md").read_text()
     assert md.splitlines()[0] == "| label | data | accuracy | 95% CI | n | n_unparsed |"
     assert len(md.splitlines()) == 4 and "| 4 |" in md
+    with pytest.raises(SystemExit) as e:  # label a holds 8-token answers: no resuming with 16
+        run_stage(evaluate, "--run-dir", toy_world, "--out", tmp_path, "--model", model,
+                  "--label", "a", "--limit", "4", "--max-new-tokens", "16")
+    assert e.value.code == 2 and "max_new_tokens" in capsys.readouterr().err
+
+
+def test_accuracy_by_level_and_subject():
+    recs = [{"correct": c, "pred": "1"} for c in (True, False, True, True)]
+    probs = [{"level": 1, "subject": "Algebra"}, {"level": 1, "subject": "Geometry"},
+             {"level": 2, "subject": "Algebra"}, {"level": 2, "subject": "Algebra"}]
+    res = evaluate.results_of(recs, probs, n=1)
+    assert res["accuracy"] == 0.75 and res["n_unparsed"] == 0
+    assert res["by_level"] == {"1": {"accuracy": 0.5, "n": 2}, "2": {"accuracy": 1.0, "n": 2}}
+    assert res["by_subject"] == {"Algebra": {"accuracy": 1.0, "n": 3},
+                                 "Geometry": {"accuracy": 0.0, "n": 1}}
+    assert "by_level" not in evaluate.results_of(recs, [{}] * 4, n=1)
 
 
 def test_default_labels():

@@ -111,7 +111,8 @@ def toy_pair_run(toy_world, tmp_path_factory):
     for line in list((toy_world / "00_toy" / "train.jsonl").open())[:7]:
         rec = json.loads(line)
         pairs.append({"id": rec["id"], "prompt": "Question: " + rec["question"] + "\nAnswer:",
-                      "chosen": toy_solution(rec), "rejected": toy_solution(rec, slip=slip_for(rec, rng)),
+                      "chosen": toy_solution(rec),
+                      "rejected": toy_solution(rec, slip=slip_for(rec, rng)),
                       "answer": str(rec["step_values"][-1])})
     pairs[0]["chosen"] += " <b>&</b>"  # text that must be escaped in the HTML
     (sft / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import load_stage
+from conftest import load_stage, tiny_llama
 
 toy = load_stage("00_toy")
 STEP = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
@@ -106,13 +106,15 @@ def test_saved_model_reloads_from_safetensors(toy_world):
 
 
 def test_batched_greedy_matches_one_at_a_time(toy_world):
-    """Left padding, the attention mask and positions must not change what a prompt decodes to."""
-    model = AutoModelForCausalLM.from_pretrained(toy_world / "00_toy" / "model").eval()
+    """Left padding and its attention mask must not change what a prompt decodes to. A random
+    model, because the 20-step toy model repeats one token whatever the context (and would not
+    notice pads leaking into attention)."""
     tok = AutoTokenizer.from_pretrained(toy_world / "00_toy" / "model")
-    prompts = [tok(toy.prompt_of(r)).input_ids for r in records(toy_world, "test")[:4]]
+    model = tiny_llama(vocab=len(tok))
+    prompts = [tok(toy.prompt_of(r)).input_ids for r in records(toy_world, "test")[:3]]
     assert len(set(map(len, prompts))) > 1  # the batch really is padded
-    batched = toy.greedy(model, tok, prompts, max_new=30)
-    assert batched == [toy.greedy(model, tok, [p], max_new=30)[0] for p in prompts]
+    batched = toy.greedy(model, tok, prompts, max_new=20)
+    assert batched == [toy.greedy(model, tok, [p], max_new=20)[0] for p in prompts]
 
 
 def test_same_seed_same_files_and_weights(toy_world, tmp_path):
