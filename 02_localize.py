@@ -63,7 +63,7 @@ parser = argparse.ArgumentParser(description="Step-DPO pairs: first wrong step b
 parser.add_argument("--run-dir", default="runs/toy", help="run directory")
 parser.add_argument("--model", default=None, help="HF id or dir of the model that wrote the "
                     "samples (default: <run-dir>/00_toy/model)")
-parser.add_argument("--samples", default=None, help="graded samples (default: "
+parser.add_argument("--data", default=None, help="graded samples (default: "
                     "<run-dir>/01_sample/samples.jsonl)")
 parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/02_localize)")
 parser.add_argument("--limit", type=int, default=0, help="first K problems only (0: all)")
@@ -288,7 +288,7 @@ def main(args):
     rank, world, device = dist_init()
     run = Path(args.run_dir)
     out = Path(args.out or run / "02_localize")
-    samples_path = args.samples or run / "01_sample" / "samples.jsonl"
+    samples_path = args.data or run / "01_sample" / "samples.jsonl"
     if not 0 <= args.threshold < 1:
         fail(f"--threshold {args.threshold}: must be in [0, 1)")
     print0(f"config: {json.dumps(vars(args))}")

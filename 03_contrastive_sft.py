@@ -87,7 +87,7 @@ def select_examples(samples: list[dict], rng: random.Random, pos_top_k: int = 1,
                     neg_top_p: float = 0.5):
     """One problem's samples [{text, pred, correct}] -> (positive texts, negative texts,
     (chosen, rejected) or None), by the released rule (module docstring)."""
-    samples = [s for s in samples if s["pred"] != ""]  # no extracted answer: counts nowhere
+    samples = [s for s in samples if s["pred"] not in (None, "")]  # no extracted answer: counts nowhere
     rng.shuffle(samples)
     groups: dict[tuple, list[dict]] = {}  # (answer, correct) -> members in shuffled order
     for s in samples:
@@ -179,8 +179,13 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
         log.log({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                  "tokens_per_s": tokens / dt, "dt": dt})
         step += 1
-        if args.save_every and step % args.save_every == 0 and step < total:
+        if step < total and (args.save_every and step % args.save_every == 0
+                             or step == args.stop_after):
             save_checkpoint(ckpt, model, opt, step)
+        if step == args.stop_after and step < total:
+            print0(f"stopped the {name} model after step {step} (--stop-after); "
+                   "continue with --resume")
+            return None
 
     save_model(model, tok, out / name, extra={**config, "trained": name})
     del model, opt
@@ -217,7 +222,7 @@ def main(args):
         pos, neg, pair = select_examples(rec["samples"], rng, args.pos_top_k, args.neg_top_p)
         sets["pos"] += [{"id": rec["id"], "prompt": rec["prompt"], "text": t} for t in pos]
         sets["neg"] += [{"id": rec["id"], "prompt": rec["prompt"], "text": t} for t in neg]
-        counts["empty_pred_samples"] += sum(s["pred"] == "" for s in rec["samples"])
+        counts["empty_pred_samples"] += sum(s["pred"] in (None, "") for s in rec["samples"])
         if pair:
             pairs.append({"id": rec["id"], "prompt": rec["prompt"], "chosen": pair[0],
                           "rejected": pair[1], "answer": rec["answer"]})
@@ -246,8 +251,18 @@ def main(args):
         if len(examples) < world:
             fail(f"{len(examples)} {name} examples for {world} ranks: need one per rank")
         B = min(args.batch_size, len(examples) - len(examples) % world)  # tiny runs: all there is
+        done = out / name / "train.json"  # written with the model: the model is whole
+        if args.resume and done.exists():
+            print0(f"{out / name} is already trained (--resume): kept")
+            trained[name] = json.loads(done.read_text())
+            continue
         print0(f"training the {name} model on {len(examples)} examples, {B} per step")
         trained[name] = train_sft(args, model_path, tok, examples, B, out, name, config)
+        if trained[name] is None:  # --stop-after: the rest waits for --resume
+            dist_teardown()
+            return
+        if rank == 0:
+            write_json(done, trained[name])
 
     # write
     if rank == 0:

@@ -34,13 +34,13 @@ import torch
 
 from common import (Progress, ResumableJsonl, barrier, collate_pairs, dist_init, dist_teardown,
                     encode_prompt, encode_response, fail, load_model, load_tokenizer, print0,
-                    read_jsonl, write_json, _atomic_write_text)
+                    read_jsonl, write_json, write_text)
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
 parser = argparse.ArgumentParser(description="cDPO token weights by contrastive estimation.")
 parser.add_argument("--run-dir", default="runs/toy", help="run directory")
-parser.add_argument("--pairs", default=None, help="pairs to score (default: "
+parser.add_argument("--data", default=None, help="pairs to score (default: "
                     "<run-dir>/03_contrastive_sft/pairs.jsonl)")
 parser.add_argument("--pos-model", default=None, help="positive model (default: "
                     "<run-dir>/03_contrastive_sft/pos)")
@@ -193,7 +193,7 @@ def main(args):
     pos_path = args.pos_model or run / "03_contrastive_sft" / "pos"
     neg_path = args.neg_model or run / "03_contrastive_sft" / "neg"
     print0(f"config: {json.dumps(vars(args))}")
-    pairs = read_jsonl(args.pairs or run / "03_contrastive_sft" / "pairs.jsonl",
+    pairs = read_jsonl(args.data or run / "03_contrastive_sft" / "pairs.jsonl",
                        {"id": str, "prompt": str, "chosen": str, "rejected": str})
     pairs = pairs[:args.limit] if args.limit else pairs
     if len({p["id"] for p in pairs}) != len(pairs):
@@ -253,7 +253,7 @@ def main(args):
                    "mean_chosen_weight": sum(cho) / len(cho), "config": vars(args)}
         write_json(out / "summary.json", summary)
         shown = records[:args.html_limit]
-        _atomic_write_text(out / "critical_tokens.html", render_html(
+        write_text(out / "critical_tokens.html", render_html(
             shown, tok, f"{len(shown)} of {len(records)} cDPO pairs · CE beta {args.ce_beta} · "
                         f"pos {pos_path} · neg {neg_path}"))
         print0(f"pairs {len(records)} | mean rejected weight {summary['mean_rejected_weight']:.3f}"

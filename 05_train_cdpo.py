@@ -208,8 +208,12 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
                  "rejected_reward": r_r, "margin": r_c - r_r, "grad_norm": grad_norm, "lr": lr,
                  "tokens_per_s": tokens / dt, "dt": dt})
         step += 1
-        if args.save_every and step % args.save_every == 0 and step < total:
+        if step < total and (args.save_every and step % args.save_every == 0
+                             or step == args.stop_after):
             save_checkpoint(ckpt, model, opt, step)
+        if step == args.stop_after and step < total:
+            print0(f"stopped after step {step} (--stop-after); continue with --resume")
+            return
 
     # write: an ordinary HF model (LoRA merged), the resolved config beside it
     save_model(model, tok, out / "model", extra=config)

@@ -41,7 +41,7 @@ parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 # data and model
 parser.add_argument("--run-dir", default="runs/toy", help="run directory")
-parser.add_argument("--pairs", default=None,
+parser.add_argument("--data", default=None,
                     help="scored pairs (default: <run-dir>/04_score_tokens/pairs.jsonl)")
 parser.add_argument("--model", default=None, help="rollout model (default: <run-dir>/00_toy/model)")
 parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/08_critical_tokens)")
@@ -152,7 +152,7 @@ def plot(summary: dict, path: Path):
 def main(args):
     rank, world, device = dist_init()
     out = Path(args.out or Path(args.run_dir) / "08_critical_tokens")
-    pairs = read_jsonl(args.pairs or Path(args.run_dir) / "04_score_tokens/pairs.jsonl",
+    pairs = read_jsonl(args.data or Path(args.run_dir) / "04_score_tokens/pairs.jsonl",
                        required={"id": str, "prompt_ids": list, "rejected_ids": list,
                                  "rejected_weights": list, "answer": str})[:args.limit]
     model_dir = args.model or Path(args.run_dir) / "00_toy/model"

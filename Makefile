@@ -3,6 +3,8 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# One thread per process: on 2 shared cores, torch's default thread pool is 10-100x slower.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: demo test bench clean
 

@@ -131,7 +131,7 @@ def read_jsonl(path, required: dict | None = None, locations: bool = False) -> l
     return records
 
 
-def _atomic_write_text(path, text: str):
+def write_text(path, text: str):
     """Write to a temp file in the same directory, fsync, then rename: readers see old or new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,11 +144,11 @@ def _atomic_write_text(path, text: str):
 
 
 def write_json(path, obj):
-    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path, records):
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 class ResumableJsonl:
@@ -620,6 +620,13 @@ def save_model(model, tok, out_dir, extra: dict | None = None):
             cpu.load_state_dict(sd)
             cpu.merge_and_unload().save_pretrained(tmp)
         else:
+            # Tied weights (embeddings = LM head) come back from an FSDP gather as separate
+            # tensors, which save_pretrained would store twice: keep each parameter's first name.
+            seen = set()
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if id(p) in seen:
+                    sd.pop(name, None)
+                seen.add(id(p))
             base.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         tok.save_pretrained(tmp)
         if extra:
@@ -691,6 +698,9 @@ def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_
                    help="sharded checkpoint every N optimizer steps (0 = none)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the output dir")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="checkpoint and exit after this many steps (a job's time slot: run again "
+                        "with --resume; the result equals one uninterrupted run)")
 
 
 def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:

@@ -57,7 +57,7 @@ def main(args):
         out = scratch / scan
         t0 = time.time()
         run(["02_localize.py", "--run-dir", str(run_dir), "--model", str(model),
-             "--samples", str(samples), "--out", str(out), "--scan", scan,
+             "--data", str(samples), "--out", str(out), "--scan", scan,
              "--limit", str(args.limit), "--per-problem", str(args.per_problem),
              "--rollouts", str(args.rollouts), "--batch-size", str(args.batch_size),
              "--seed", str(args.seed)])

@@ -8,6 +8,7 @@ PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/toy}
 SEEDS=${SEEDS:-1}
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process is fastest on a small CPU
 
 # 00: problems, tokenizer and a 0.86M-parameter Llama trained to ~50% accuracy (~4 min).
 if [ ! -f "$RUN/00_toy/model/model.safetensors" ]; then

@@ -12,6 +12,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocess stages: one thread is fastest here
 
 
 def load_stage(name: str):
@@ -49,4 +50,35 @@ def toy_world(tmp_path_factory):
            "--n-test", "20", "--n-dev", "20", "--max-steps", "20", "--min-steps", "20",
            "--hidden", "32", "--layers", "2", "--heads", "2"]
     subprocess.run(cmd, check=True, capture_output=True)
+    return run
+
+
+def run_script(name: str, *argv, nproc: int = 1, timeout: int = 300):
+    """Run a numbered stage as a user would: `python NN_x.py ...`, or under torchrun with
+    `nproc` processes (gloo). A failure shows the stage's own stderr."""
+    import subprocess
+    script = str(ROOT / f"{name}.py")
+    cmd = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(nproc), "--", script]  # `--`: torchrun would take a stage's --n for its own option
+    r = subprocess.run(cmd + [str(a) for a in argv], capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, f"{name} {' '.join(map(str, argv))} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="session")
+def mini_chain(tmp_path_factory):
+    """The cDPO data path of a miniature toy run, built once per session by the real stages:
+    00 (a 0.1M-parameter model that memorizes 48 training problems in ~20 s, so that sampling at
+    temperature 1 gives right and wrong answers to the same problem), 01 (8 samples each), 03
+    (pos / neg models, a few steps) and 04 (scored pairs). Returns the run dir."""
+    run = tmp_path_factory.mktemp("minichain")
+    run_script("00_toy", "--run-dir", run, "--n-train", 48, "--n-dev", 16, "--n-test", 16,
+               "--hidden", 64, "--layers", 2, "--heads", 2, "--batch-size", 16, "--lr", 3e-3,
+               "--max-steps", 500, "--min-steps", 500)
+    run_script("01_sample", "--run-dir", run, "--n", 8, "--max-new-tokens", 96)
+    run_script("03_contrastive_sft", "--run-dir", run, "--max-steps", 3, "--batch-size", 8,
+               "--micro-batch-size", 8)
+    run_script("04_score_tokens", "--run-dir", run)
     return run

@@ -1,0 +1,87 @@
+"""Scale without changing tools: training under torchrun (2 CPU processes, gloo, FSDP2) gives the
+1-process result, and a run cut short and resumed gives the uninterrupted one. Real stages as
+subprocesses on the miniature toy chain's pairs; no mocked runtime.
+(01_sample under torchrun: tests/test_sample_eval.py.)"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_script
+
+TRAIN = ["--max-steps", 4, "--batch-size", 8, "--micro-batch-size", 2, "--lr", 1e-3,
+         "--warmup-ratio", 0.25]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_process(mini_chain, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cdpo1")
+    run_script("05_train_cdpo", "--run-dir", mini_chain, "--out", out, *TRAIN)
+    return out
+
+
+def test_two_processes_equal_one(mini_chain, one_process, tmp_path):
+    """Same global batch of 8: 1 rank x 4 micro-batches of 2 vs 2 ranks x 2 micro-batches."""
+    run_script("05_train_cdpo", "--run-dir", mini_chain, "--out", tmp_path, *TRAIN, nproc=2)
+    a, b = losses(one_process), losses(tmp_path)
+    assert len(a) == len(b) == 4
+    assert b == pytest.approx(a, abs=1e-4)
+    assert a[-1] != pytest.approx(a[0], abs=1e-3), "the loss never moved: nothing was compared"
+    assert_same_weights(one_process / "model", tmp_path / "model", atol=1e-5)
+
+
+def test_two_processes_stop_and_resume_equal_straight(mini_chain, one_process, tmp_path):
+    """--stop-after 2 writes a sharded checkpoint and exits; --resume finishes the run."""
+    run_script("05_train_cdpo", "--run-dir", mini_chain, "--out", tmp_path, *TRAIN,
+               "--stop-after", 2, nproc=2)
+    assert not (tmp_path / "model").exists() and len(losses(tmp_path)) == 2
+    assert (tmp_path / "checkpoints" / "step000002").is_dir()
+    run_script("05_train_cdpo", "--run-dir", mini_chain, "--out", tmp_path, *TRAIN, "--resume",
+               nproc=2)
+    assert losses(tmp_path) == pytest.approx(losses(one_process), abs=1e-4)
+    assert_same_weights(one_process / "model", tmp_path / "model", atol=1e-5)
+
+
+def test_sft_stop_and_resume_equal_straight(mini_chain, tmp_path):
+    """03 trains two models: a stop in the first, a resume that finishes it and starts the second,
+    a stop there, and a resume that keeps the finished first model and completes the second."""
+    sft = ["--run-dir", mini_chain, "--max-steps", 4, "--batch-size", 4, "--micro-batch-size", 2]
+    run_script("03_contrastive_sft", *sft, "--out", tmp_path / "straight")
+    cut = tmp_path / "cut"
+    run_script("03_contrastive_sft", *sft, "--out", cut, "--stop-after", 2)
+    assert not (cut / "pos").exists()
+    run_script("03_contrastive_sft", *sft, "--out", cut, "--stop-after", 2, "--resume")
+    assert (cut / "pos" / "train.json").exists() and not (cut / "neg").exists()
+    run_script("03_contrastive_sft", *sft, "--out", cut, "--resume")
+    for name in ("pos", "neg"):
+        assert_same_weights(tmp_path / "straight" / name, cut / name, atol=1e-6)
+
+
+def test_lora_two_processes_equal_one_and_save_a_merged_model(mini_chain, tmp_path):
+    """--lora-r: adapters only are trained, merged on save into an ordinary model whose
+    non-adapted tensors are the base model's; 2 ranks give the 1-rank result."""
+    lora = [*TRAIN, "--lora-r", 4, "--lr", 1e-2]
+    run_script("05_train_cdpo", "--run-dir", mini_chain, "--out", tmp_path / "one", *lora)
+    run_script("05_train_cdpo", "--run-dir", mini_chain, "--out", tmp_path / "two", *lora,
+               nproc=2)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", atol=1e-5)
+    base = load_file(str(mini_chain / "00_toy/model/model.safetensors"))
+    merged = load_file(str(tmp_path / "one" / "model/model.safetensors"))
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not merged[k].equal(base[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                       "o_proj.weight", "gate_proj.weight", "up_proj.weight",
+                                       "down_proj.weight")) for k in changed), changed
