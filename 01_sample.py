@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
-                    encode_prompt, fail, generate, load_model, load_tokenizer, print0, seed_for,
-                    write_json)
+                    encode_prompt, fail, file_stamp, generate, load_model, load_tokenizer, print0,
+                    seed_for, write_json)
 from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load_problems
 
 # -------------------------------------------------------------------------------------------------
@@ -108,12 +108,6 @@ def main(args):
     if args.temperature == 0 and args.n > 1:
         fail("--n > 1 at --temperature 0 draws the same greedy answer n times; set a temperature")
     config = {**vars(args), "stop": STOP_STRINGS}
-    if (out / "summary.json").exists():  # a finished run: resuming on top needs the same config
-        prev = json.loads((out / "summary.json").read_text())["config"]
-        changed = [k for k in SHAPES_SAMPLES if prev.get(k) != config[k]]
-        if changed:
-            fail(f"{out} holds samples of another config ({', '.join(changed)}); "
-                 "pass --out or delete it")
     problems = load_problems(args.data, args.split)
     problems = problems[:args.limit] if args.limit > 0 else problems
     if not problems:
@@ -126,9 +120,10 @@ def main(args):
     tok = load_tokenizer(args.model, args.trust_remote_code)
     for p in problems:
         p["prompt"] = format_prompt(p["question"], args.template, tok)
-    store = ResumableJsonl(out / "samples.jsonl", rank)
-    if any(len(r["samples"]) != args.n for r in store.done.values()):
-        fail(f"{out}/samples.jsonl holds records with another --n; pass --out or delete it")
+    # resume only what this model (these very weights), data and config produced
+    store = ResumableJsonl(out / "samples.jsonl", rank, fingerprint={
+        **{k: config[k] for k in SHAPES_SAMPLES}, "model": file_stamp(args.model),
+        "data": file_stamp(args.data)})
     todo = [p for p in problems[rank::world] if p["id"] not in store.done]
     print0(f"{len(problems)} problems x {args.n} samples | {len(problems) - len(store.done)} "
            f"problems to do on {world} rank(s)")

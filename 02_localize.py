@@ -27,7 +27,6 @@ step graded neutral or incorrect; an unparsable verdict is counted and skipped).
 Reads  <run-dir>/01_sample/samples.jsonl   {id, question, answer, prompt, samples: [{text, pred,
                                             correct}]} (+ step_values in the toy world)
 Writes <run-dir>/02_localize/records.jsonl  one record per wrong sample (resume state, audit)
-       <run-dir>/02_localize/config.json    the flags those records depend on (checked on resume)
        <run-dir>/02_localize/pairs.jsonl    {id, problem_id, prompt, prefix, chosen, rejected,
                                             step_idx, rollouts: {j: successes}, answer}
        <run-dir>/02_localize/summary.json   counts, rollouts per sample, and in the toy world
@@ -53,8 +52,8 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, encode_prompt,
-                    encode_response, fail, generate, load_model, load_tokenizer, print0,
-                    read_jsonl, seed_for, write_json, write_jsonl)
+                    encode_response, fail, file_stamp, generate, load_model, load_tokenizer,
+                    print0, read_jsonl, seed_for, write_json, write_jsonl)
 from mathtext import STOP_STRINGS, extract_answer, is_equiv, split_steps
 
 # -------------------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ parser.add_argument("--judge-workers", type=int, default=8, help="judge requests
 parser.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request")
 
 # config that the records already in --out depend on: a resumed run must not change it
-SHAPES_RECORDS = ("model", "samples", "seed", "per_problem", "rollouts", "threshold", "scan",
+SHAPES_RECORDS = ("seed", "per_problem", "rollouts", "threshold", "scan",
                   "rectify_budget", "temperature", "top_p", "max_new_tokens", "stop", "judge_url",
                   "judge_model", "judge_prompt")
 
@@ -292,14 +291,6 @@ def main(args):
     if not 0 <= args.threshold < 1:
         fail(f"--threshold {args.threshold}: must be in [0, 1)")
     print0(f"config: {json.dumps(vars(args))}")
-    if (out / "config.json").exists():
-        prev = json.loads((out / "config.json").read_text())
-        changed = [k for k in SHAPES_RECORDS if prev.get(k) != vars(args)[k]]
-        if changed:
-            fail(f"{out} holds records of another config ({', '.join(changed)}); "
-                 f"pass --out or delete it")
-    elif rank == 0:
-        write_json(out / "config.json", vars(args))
     problems = read_jsonl(samples_path, {"id": str, "prompt": str, "answer": (str, int, float),
                                          "samples": list})
     problems = problems[:args.limit] if args.limit else problems
@@ -317,7 +308,10 @@ def main(args):
     model = load_model(args.model or run / "00_toy" / "model", device,
                        torch.bfloat16 if args.bf16 else torch.float32, args.trust_remote_code)
     model.eval()
-    store = ResumableJsonl(out / "records.jsonl", rank)
+    # resume only what this model (these very weights), these samples and this config produced
+    store = ResumableJsonl(out / "records.jsonl", rank, fingerprint={
+        **{k: vars(args)[k] for k in SHAPES_RECORDS}, "data": file_stamp(samples_path),
+        "model": file_stamp(args.model or run / "00_toy" / "model")})
     mine = [s for s in chosen_samples[rank::world] if s["key"] not in store.done]
     print0(f"{len(chosen_samples)} wrong samples from {len(problems)} problems | "
            f"{len(chosen_samples) - len(store.done)} to do on {world} rank(s)")

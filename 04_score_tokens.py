@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, barrier, collate_pairs, dist_init, dist_teardown,
-                    encode_prompt, encode_response, fail, load_model, load_tokenizer, print0,
-                    read_jsonl, write_json, write_text)
+                    encode_prompt, encode_response, fail, file_stamp, load_model, load_tokenizer,
+                    print0, read_jsonl, write_json, write_text)
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
@@ -193,7 +193,8 @@ def main(args):
     pos_path = args.pos_model or run / "03_contrastive_sft" / "pos"
     neg_path = args.neg_model or run / "03_contrastive_sft" / "neg"
     print0(f"config: {json.dumps(vars(args))}")
-    pairs = read_jsonl(args.data or run / "03_contrastive_sft" / "pairs.jsonl",
+    data = args.data or run / "03_contrastive_sft" / "pairs.jsonl"
+    pairs = read_jsonl(data,
                        {"id": str, "prompt": str, "chosen": str, "rejected": str})
     pairs = pairs[:args.limit] if args.limit else pairs
     if len({p["id"] for p in pairs}) != len(pairs):
@@ -210,7 +211,10 @@ def main(args):
         items.append({**p, "prompt_ids": encode_prompt(tok, p["prompt"]),
                       "chosen_ids": encode_response(tok, p["chosen"], eos=True),
                       "rejected_ids": encode_response(tok, p["rejected"], eos=True)})
-    store = ResumableJsonl(out / "pairs.jsonl", rank)
+    # resume only what these very models, these pairs and this --ce-beta produced
+    store = ResumableJsonl(out / "pairs.jsonl", rank, fingerprint={
+        "pos": file_stamp(pos_path), "neg": file_stamp(neg_path), "data": file_stamp(data),
+        "ce_beta": args.ce_beta})
     mine = [it for it in items[rank::world] if it["id"] not in store.done]
     # longest first, so batches hold similar lengths (little padding) and memory peaks early
     mine.sort(key=lambda it: -len(it["prompt_ids"]) - max(len(it["chosen_ids"]),

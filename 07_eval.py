@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
-                    encode_prompt, fail, generate, load_model, load_tokenizer, print0, seed_for,
-                    write_json)
+                    encode_prompt, fail, file_stamp, generate, load_model, load_tokenizer, print0,
+                    seed_for, write_json)
 from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load_problems
 
 # -------------------------------------------------------------------------------------------------
@@ -190,9 +190,10 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
     model = load_model(model_path, device, torch.bfloat16 if args.bf16 else torch.float32,
                        args.trust_remote_code).eval()
     prompts = {p["id"]: format_prompt(p["question"], args.template, tok) for p in problems}
-    store = ResumableJsonl(out / "generations.jsonl", rank)
-    if any(len(r.get("samples", [r])) != args.n for r in store.done.values()):
-        fail(f"{out}/generations.jsonl holds records with another --n; pass another --label")
+    # resume only what this model (these very weights), data and config produced
+    store = ResumableJsonl(out / "generations.jsonl", rank, fingerprint={
+        **{k: config[k] for k in SHAPES_RESULTS}, "model": file_stamp(model_path),
+        "data": file_stamp(args.data)})
     todo = [p for p in problems[rank::world] if p["id"] not in store.done]
     print0(f"[{label}] {len(problems)} problems | {len(problems) - len(store.done)} to do on "
            f"{world} rank(s)")
@@ -278,14 +279,6 @@ def main(args):
         fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.temperature == 0 and args.n > 1:
         fail("--n > 1 at --temperature 0 repeats the greedy answer n times; set a temperature")
-    for model, label in zip(models, labels):
-        if (out_root / label / "results.json").exists():  # resuming on top needs the same config
-            prev = json.loads((out_root / label / "results.json").read_text())["config"]
-            new = {**vars(args), "model": model}
-            changed = [k for k in SHAPES_RESULTS if prev.get(k) != new[k]]
-            if changed:
-                fail(f"{out_root / label} holds results of another config ({', '.join(changed)})"
-                     "; pass another --label or delete it")
     # a missing second model stops here, not after the first model's results are written
     toks = [load_tokenizer(m, args.trust_remote_code) for m in models]
     problems = load_problems(args.data, args.split)

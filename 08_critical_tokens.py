@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, generate,
-                    load_model, load_tokenizer, print0, read_jsonl, seed_for, write_json)
+from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, file_stamp,
+                    generate, load_model, load_tokenizer, print0, read_jsonl, seed_for, write_json)
 from mathtext import extract_answer, is_equiv
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -152,7 +152,8 @@ def plot(summary: dict, path: Path):
 def main(args):
     rank, world, device = dist_init()
     out = Path(args.out or Path(args.run_dir) / "08_critical_tokens")
-    pairs = read_jsonl(args.data or Path(args.run_dir) / "04_score_tokens/pairs.jsonl",
+    data = args.data or Path(args.run_dir) / "04_score_tokens/pairs.jsonl"
+    pairs = read_jsonl(data,
                        required={"id": str, "prompt_ids": list, "rejected_ids": list,
                                  "rejected_weights": list, "answer": str})[:args.limit]
     model_dir = args.model or Path(args.run_dir) / "00_toy/model"
@@ -160,7 +161,11 @@ def main(args):
     model = load_model(model_dir, device, trust_remote_code=args.trust_remote_code).eval()
     print0(f"critical-token study: {len(pairs)} answers x {args.rollouts} rollouts per position")
 
-    sink = ResumableJsonl(out / "answers.jsonl", rank)
+    # resume only what this model (these very weights), these pairs and this config produced
+    shapes = ("rollouts", "temperature", "max_new_tokens", "cancel_frac", "seed")
+    sink = ResumableJsonl(out / "answers.jsonl", rank, fingerprint={
+        **{k: vars(args)[k] for k in shapes}, "model": file_stamp(model_dir),
+        "data": file_stamp(data)})
     todo = [p for p in pairs[rank::world] if p["id"] not in sink.done]
     progress = Progress(len(todo), "answers")
     for pair in todo:

@@ -103,9 +103,12 @@ def studies(run_dir: Path) -> list[str]:
     if loc.exists():
         s = json.loads(loc.read_text())
         lines += ["", "### Step-DPO localization (02)", "",
-                  f"{s.get('pairs')} pairs from {s.get('samples_processed')} wrong samples; "
-                  f"{s.get('rollouts_per_sample', 0):.1f} rollouts per sample; located step = exact "
-                  f"first wrong step for {100 * s.get('oracle_agreement', 0):.0f}% of samples."]
+                  f"{s['samples']} wrong samples, a first wrong step located in {s['located']}, "
+                  f"{s['pairs']} step pairs; {s['rollouts_per_sample']:.1f} rollouts per sample."]
+        if "oracle_agreement" in s:  # the toy world knows every step's true value
+            lines[-1] += (f" Against the exact first wrong step: {100 * s['oracle_agreement']:.0f}%"
+                          f" of located steps agree; {100 * s['pair_precision']:.0f}% of chosen "
+                          "steps are right.")
     study = run_dir / "08_critical_tokens" / "study.json"
     if study.exists():
         s = json.loads(study.read_text())

@@ -18,7 +18,7 @@ demo: .venv/done
 	bash runs/toy_cpu.sh
 
 test: .venv/done
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs --durations=8 tests  # -rs: every skip says why
 
 bench: .venv/done
 	$(PY) bench/bench_logps.py

@@ -166,20 +166,19 @@ class ResumableJsonl:
         self.part = self.path.with_name(f"{self.path.name}.part{rank}")
         self.part.parent.mkdir(parents=True, exist_ok=True)
         self.done = {}
-        if fingerprint is not None:  # resume only what the same model and settings produced
+        if fingerprint is not None:  # resume only what the same inputs and settings produced
             stamp = self.path.with_name(f"{self.path.name}.fingerprint.json")
-            same = stamp.exists() and json.loads(stamp.read_text()) == json.loads(
-                json.dumps(fingerprint))
-            barrier()  # every rank has read the stamp before rank 0 changes anything
-            if not same and rank == 0:
-                stale = [self.path, *self.path.parent.glob(f"{self.path.name}.part*")]
-                if any(p.exists() for p in stale):
-                    print(f"{self.path}: written with another model or settings; starting afresh",
-                          file=sys.stderr)
-                for p in stale:
-                    p.unlink(missing_ok=True)
+            fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
+            prev = json.loads(stamp.read_text()) if stamp.exists() else None
+            parts = self.path.parent.glob(f"{self.path.name}.part*")
+            if prev not in (None, fingerprint) and (self.path.exists() or any(parts)):
+                changed = sorted(k for k in {*prev, *fingerprint}
+                                 if prev.get(k) != fingerprint.get(k))
+                fail(f"{self.path} holds records of another run ({', '.join(changed)} changed: a "
+                     "retrained model or rewritten input counts); pass another --out or delete it")
+            barrier()  # every rank has compared before rank 0 rewrites the stamp
+            if rank == 0:
                 write_json(stamp, fingerprint)
-            barrier()
         for part in self.path.parent.glob(f"{self.path.name}.part*"):
             self._load(part, truncate=part == self.part)
         if self.path.exists():  # a finished earlier run: everything in it is done
@@ -226,12 +225,13 @@ class ResumableJsonl:
         self._f.close()
 
 
-def model_fingerprint(path) -> dict:
-    """What identifies a model's weights for resume checks: a local dir's safetensors files with
-    their sizes and modification times (a retrained model gets new ones), or the hub id."""
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    return {"model": str(path),
-            "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+def file_stamp(path) -> list:
+    """What identifies a model's weights or an input file for resume checks: the path, then each
+    safetensors file of a model dir (or the file itself) with size and modification time, so a
+    retrained model or a rewritten file no longer matches. A hub id is just its name."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.is_file() else []
+    return [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 # --------------------------------------------------------------------------------------------------

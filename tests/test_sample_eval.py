@@ -287,3 +287,23 @@ def test_bad_input_on_the_command_line(toy_world, tmp_path):
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "gsm9k" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_records_of_a_retrained_model(toy_world, tmp_path, capsys):
+    """Same path, same flags, new weights: the old generations must not be passed off as the
+    new model's (07 and 01 alike); one line, exit 2."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(toy_world / "00_toy" / "model", model)
+    args = ["--run-dir", toy_world, "--model", model, "--limit", "2", "--max-new-tokens", "8"]
+    run_stage(evaluate, *args, "--out", tmp_path / "eval", "--label", "m")
+    run_stage(sample, *args, "--out", tmp_path / "sample", "--n", "2")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # "retrained": rewritten, new modification time
+    capsys.readouterr()
+    for stage, out in ((evaluate, ["--out", tmp_path / "eval", "--label", "m"]),
+                       (sample, ["--out", tmp_path / "sample", "--n", "2"])):
+        with pytest.raises(SystemExit) as e:
+            run_stage(stage, *args, *out)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "model" in err and "another run" in err, err
