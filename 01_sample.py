@@ -37,7 +37,7 @@ import torch
 
 from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
                     encode_prompt, fail, file_stamp, generate, load_model, load_tokenizer, print0,
-                    seed_for, write_json)
+                    seed_for, work_share, write_json)
 from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load_problems
 
 # -------------------------------------------------------------------------------------------------
@@ -48,6 +48,9 @@ parser.add_argument("--model", default=None,
                     help="HF id or local dir (default: <run-dir>/00_toy/model)")
 parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/01_sample)")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
+parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
+                    "all ranks (tensor parallel) instead of a full copy per rank; for models "
+                    "larger than one GPU")
 parser.add_argument("--bf16", action="store_true", help="sample in bfloat16 (GPU)")
 # problems
 parser.add_argument("--data", default=None, help="gsm8k, math500 or a JSONL path "
@@ -116,15 +119,17 @@ def main(args):
 
     # Load
     model = load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32,
-                       args.trust_remote_code).eval()
+                       args.trust_remote_code, tp=args.tp).eval()
     tok = load_tokenizer(args.model, args.trust_remote_code)
     for p in problems:
         p["prompt"] = format_prompt(p["question"], args.template, tok)
     # resume only what this model (these very weights), data and config produced
-    store = ResumableJsonl(out / "samples.jsonl", rank, fingerprint={
-        **{k: config[k] for k in SHAPES_SAMPLES}, "model": file_stamp(args.model),
-        "data": file_stamp(args.data)})
-    todo = [p for p in problems[rank::world] if p["id"] not in store.done]
+    share, shares = work_share(args.tp)  # problems share, share + shares, ... are this rank's
+    store = ResumableJsonl(out / "samples.jsonl", share, writer=rank == 0 or not args.tp,
+                           fingerprint={**{k: config[k] for k in SHAPES_SAMPLES},
+                                        "model": file_stamp(args.model),
+                                        "data": file_stamp(args.data)})
+    todo = [p for p in problems[share::shares] if p["id"] not in store.done]
     print0(f"{len(problems)} problems x {args.n} samples | {len(problems) - len(store.done)} "
            f"problems to do on {world} rank(s)")
 
@@ -161,7 +166,8 @@ def main(args):
     seconds = time.time() - t0
 
     # Write: rank 0 merges the ranks' part files in problem order, then the summary
-    totals = all_reduce_sum(torch.tensor([n_tokens, len(rows)], device=device))
+    # summed over ranks; under --tp every rank counted the same share, so count it once
+    totals = all_reduce_sum(torch.tensor([n_tokens, len(rows)], device=device)) * shares / world
     barrier()
     if rank == 0:
         records = store.merge([p["id"] for p in problems])

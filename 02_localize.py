@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, encode_prompt,
-                    encode_response, fail, file_stamp, generate, load_model, load_tokenizer,
-                    print0, read_jsonl, seed_for, write_json, write_jsonl)
+                    encode_response, fail, file_stamp, generate, load_model, load_tokenizer, print0,
+                    read_jsonl, seed_for, work_share, write_json, write_jsonl)
 from mathtext import STOP_STRINGS, extract_answer, is_equiv, split_steps
 
 # -------------------------------------------------------------------------------------------------
@@ -86,6 +86,9 @@ parser.add_argument("--stop", nargs="*", default=STOP_STRINGS, help="stop string
 parser.add_argument("--batch-size", type=int, default=64, help="continuations per generate call")
 parser.add_argument("--bf16", action="store_true", help="sample in bfloat16 (GPU)")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
+parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
+                    "all ranks (tensor parallel) instead of a full copy per rank; for models "
+                    "larger than one GPU")
 # judge
 parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (…/v1); the "
                     "judge then locates the step and rollouts only rectify")
@@ -306,13 +309,16 @@ def main(args):
     # Load
     tok = load_tokenizer(args.model or run / "00_toy" / "model", args.trust_remote_code)
     model = load_model(args.model or run / "00_toy" / "model", device,
-                       torch.bfloat16 if args.bf16 else torch.float32, args.trust_remote_code)
+                       torch.bfloat16 if args.bf16 else torch.float32, args.trust_remote_code,
+                       tp=args.tp)
     model.eval()
     # resume only what this model (these very weights), these samples and this config produced
-    store = ResumableJsonl(out / "records.jsonl", rank, fingerprint={
-        **{k: vars(args)[k] for k in SHAPES_RECORDS}, "data": file_stamp(samples_path),
-        "model": file_stamp(args.model or run / "00_toy" / "model")})
-    mine = [s for s in chosen_samples[rank::world] if s["key"] not in store.done]
+    share, shares = work_share(args.tp)  # samples share, share + shares, ... are this rank's
+    store = ResumableJsonl(out / "records.jsonl", share, writer=rank == 0 or not args.tp,
+                           fingerprint={**{k: vars(args)[k] for k in SHAPES_RECORDS},
+                                        "data": file_stamp(samples_path),
+                                        "model": file_stamp(args.model or run / "00_toy/model")})
+    mine = [s for s in chosen_samples[share::shares] if s["key"] not in store.done]
     print0(f"{len(chosen_samples)} wrong samples from {len(problems)} problems | "
            f"{len(chosen_samples) - len(store.done)} to do on {world} rank(s)")
 

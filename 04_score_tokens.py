@@ -34,7 +34,7 @@ import torch
 
 from common import (Progress, ResumableJsonl, barrier, collate_pairs, dist_init, dist_teardown,
                     encode_prompt, encode_response, fail, file_stamp, load_model, load_tokenizer,
-                    print0, read_jsonl, write_json, write_text)
+                    print0, read_jsonl, work_share, write_json, write_text)
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
@@ -55,6 +55,9 @@ parser.add_argument("--bf16", action="store_true", help="run the models in bfloa
                     "combination is still computed in float32")
 parser.add_argument("--html-limit", type=int, default=40, help="pairs shown in the HTML view")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
+parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
+                    "all ranks (tensor parallel) instead of a full copy per rank; for models "
+                    "larger than one GPU")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -212,10 +215,11 @@ def main(args):
                       "chosen_ids": encode_response(tok, p["chosen"], eos=True),
                       "rejected_ids": encode_response(tok, p["rejected"], eos=True)})
     # resume only what these very models, these pairs and this --ce-beta produced
-    store = ResumableJsonl(out / "pairs.jsonl", rank, fingerprint={
-        "pos": file_stamp(pos_path), "neg": file_stamp(neg_path), "data": file_stamp(data),
-        "ce_beta": args.ce_beta})
-    mine = [it for it in items[rank::world] if it["id"] not in store.done]
+    share, shares = work_share(args.tp)  # pairs share, share + shares, ... are this rank's
+    store = ResumableJsonl(out / "pairs.jsonl", share, writer=rank == 0 or not args.tp,
+                           fingerprint={"pos": file_stamp(pos_path), "neg": file_stamp(neg_path),
+                                        "data": file_stamp(data), "ce_beta": args.ce_beta})
+    mine = [it for it in items[share::shares] if it["id"] not in store.done]
     # longest first, so batches hold similar lengths (little padding) and memory peaks early
     mine.sort(key=lambda it: -len(it["prompt_ids"]) - max(len(it["chosen_ids"]),
                                                           len(it["rejected_ids"])))
@@ -223,8 +227,8 @@ def main(args):
 
     # Load
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    pos = load_model(pos_path, device, dtype, args.trust_remote_code).eval()
-    neg = load_model(neg_path, device, dtype, args.trust_remote_code).eval()
+    pos = load_model(pos_path, device, dtype, args.trust_remote_code, tp=args.tp).eval()
+    neg = load_model(neg_path, device, dtype, args.trust_remote_code, tp=args.tp).eval()
     if pos.config.vocab_size != neg.config.vocab_size:
         fail(f"vocab sizes differ: pos {pos.config.vocab_size}, neg {neg.config.vocab_size}")
 

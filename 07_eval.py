@@ -42,7 +42,7 @@ import torch
 
 from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
                     encode_prompt, fail, file_stamp, generate, load_model, load_tokenizer, print0,
-                    seed_for, write_json)
+                    seed_for, work_share, write_json)
 from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load_problems
 
 # -------------------------------------------------------------------------------------------------
@@ -57,6 +57,9 @@ parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/
 parser.add_argument("--summary", "--compare", action="store_true", help="only write and print "
                     "the table over every label in the output dir")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
+parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
+                    "all ranks (tensor parallel) instead of a full copy per rank; for models "
+                    "larger than one GPU")
 parser.add_argument("--bf16", action="store_true", help="generate in bfloat16 (GPU)")
 # problems
 parser.add_argument("--data", default=None, help="gsm8k, math500 or a JSONL path "
@@ -188,13 +191,15 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
     config = {**{k: v for k, v in vars(args).items() if k not in ("model", "label", "summary")},
               "model": model_path, "label": label, "stop": STOP_STRINGS}
     model = load_model(model_path, device, torch.bfloat16 if args.bf16 else torch.float32,
-                       args.trust_remote_code).eval()
+                       args.trust_remote_code, tp=args.tp).eval()
     prompts = {p["id"]: format_prompt(p["question"], args.template, tok) for p in problems}
     # resume only what this model (these very weights), data and config produced
-    store = ResumableJsonl(out / "generations.jsonl", rank, fingerprint={
-        **{k: config[k] for k in SHAPES_RESULTS}, "model": file_stamp(model_path),
-        "data": file_stamp(args.data)})
-    todo = [p for p in problems[rank::world] if p["id"] not in store.done]
+    share, shares = work_share(args.tp)  # problems share, share + shares, ... are this rank's
+    store = ResumableJsonl(out / "generations.jsonl", share, writer=rank == 0 or not args.tp,
+                           fingerprint={**{k: config[k] for k in SHAPES_RESULTS},
+                                        "model": file_stamp(model_path),
+                                        "data": file_stamp(args.data)})
+    todo = [p for p in problems[share::shares] if p["id"] not in store.done]
     print0(f"[{label}] {len(problems)} problems | {len(problems) - len(store.done)} to do on "
            f"{world} rank(s)")
 
@@ -236,7 +241,8 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
     del model
 
     # Write: rank 0 merges the ranks' part files in problem order, then results.json
-    totals = all_reduce_sum(torch.tensor([n_tokens, len(rows)], device=device))
+    # summed over ranks; under --tp every rank counted the same share, so count it once
+    totals = all_reduce_sum(torch.tensor([n_tokens, len(rows)], device=device)) * shares / world
     barrier()
     if rank != 0:
         store.close()

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, file_stamp,
-                    generate, load_model, load_tokenizer, print0, read_jsonl, seed_for, write_json)
+                    generate, load_model, load_tokenizer, print0, read_jsonl, seed_for, work_share,
+                    write_json)
 from mathtext import extract_answer, is_equiv
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -56,6 +57,9 @@ parser.add_argument("--cancel-frac", type=float, default=3 / 64,
 parser.add_argument("--batch-size", type=int, default=128, help="sequences per generate call")
 parser.add_argument("--seed", type=int, default=0, help="rollout seed")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
+parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
+                    "all ranks (tensor parallel) instead of a full copy per rank; for models "
+                    "larger than one GPU")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -158,15 +162,17 @@ def main(args):
                                  "rejected_weights": list, "answer": str})[:args.limit]
     model_dir = args.model or Path(args.run_dir) / "00_toy/model"
     tok = load_tokenizer(model_dir, args.trust_remote_code)
-    model = load_model(model_dir, device, trust_remote_code=args.trust_remote_code).eval()
+    model = load_model(model_dir, device, trust_remote_code=args.trust_remote_code,
+                       tp=args.tp).eval()
     print0(f"critical-token study: {len(pairs)} answers x {args.rollouts} rollouts per position")
 
     # resume only what this model (these very weights), these pairs and this config produced
     shapes = ("rollouts", "temperature", "max_new_tokens", "cancel_frac", "seed")
-    sink = ResumableJsonl(out / "answers.jsonl", rank, fingerprint={
-        **{k: vars(args)[k] for k in shapes}, "model": file_stamp(model_dir),
-        "data": file_stamp(data)})
-    todo = [p for p in pairs[rank::world] if p["id"] not in sink.done]
+    share, shares = work_share(args.tp)  # answers share, share + shares, ... are this rank's
+    sink = ResumableJsonl(out / "answers.jsonl", share, writer=rank == 0 or not args.tp,
+                          fingerprint={**{k: vars(args)[k] for k in shapes},
+                                       "model": file_stamp(model_dir), "data": file_stamp(data)})
+    todo = [p for p in pairs[share::shares] if p["id"] not in sink.done]
     progress = Progress(len(todo), "answers")
     for pair in todo:
         sink.append(study_answer(model, tok, pair, args))

@@ -161,8 +161,10 @@ class ResumableJsonl:
     the order of `ids` and removes the parts.
     """
 
-    def __init__(self, path, rank: int = 0, fingerprint: dict | None = None):
-        self.path = Path(path)
+    def __init__(self, path, rank: int = 0, fingerprint: dict | None = None, writer: bool = True):
+        """rank: which part file is this process's. writer=False (a --tp follower, which computes
+        what rank 0 computes) reads the parts and keeps `done` but writes nothing."""
+        self.path, self.writer = Path(path), writer
         self.part = self.path.with_name(f"{self.path.name}.part{rank}")
         self.part.parent.mkdir(parents=True, exist_ok=True)
         self.done = {}
@@ -177,14 +179,14 @@ class ResumableJsonl:
                 fail(f"{self.path} holds records of another run ({', '.join(changed)} changed: a "
                      "retrained model or rewritten input counts); pass another --out or delete it")
             barrier()  # every rank has compared before rank 0 rewrites the stamp
-            if rank == 0:
+            if rank == 0 and writer:
                 write_json(stamp, fingerprint)
         for part in self.path.parent.glob(f"{self.path.name}.part*"):
-            self._load(part, truncate=part == self.part)
+            self._load(part, truncate=part == self.part and writer)
         if self.path.exists():  # a finished earlier run: everything in it is done
             for rec in read_jsonl(self.path):
                 self.done[rec["id"]] = rec
-        self._f = open(self.part, "a", encoding="utf-8")
+        self._f = open(self.part, "a", encoding="utf-8") if writer else None
 
     def _load(self, part: Path, truncate: bool):
         good = 0  # byte offset after the last whole line
@@ -202,14 +204,15 @@ class ResumableJsonl:
             os.truncate(part, good)
 
     def append(self, rec: dict):
-        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        if self.writer:
+            self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self.done[rec["id"]] = rec
 
     def merge(self, ids: list[str]) -> list[dict]:
         """Rank 0 only: collect every rank's records, write the final file in `ids` order."""
-        self._f.close()
+        self.close()
         for part in self.path.parent.glob(f"{self.path.name}.part*"):
             self._load(part, truncate=False)
         missing = [i for i in ids if i not in self.done]
@@ -222,7 +225,8 @@ class ResumableJsonl:
         return records
 
     def close(self):
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def file_stamp(path) -> list:
@@ -508,10 +512,13 @@ def load_tokenizer(path, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path, device="cpu", dtype=torch.float32, trust_remote_code: bool = False):
+def load_model(path, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
+               tp: bool = False):
     """An HF causal LM from a local dir or hub id. Pickle checkpoints (.bin/.pt) are refused:
-    loading them can execute code. trust_remote_code stays off unless a flag asks."""
-    from transformers import AutoModelForCausalLM
+    loading them can execute code. trust_remote_code stays off unless a flag asks.
+    tp (under torchrun): tensor parallel over all ranks with transformers' tp_plan, each rank
+    holding 1/world of every layer: how a 70B model samples on 8 GPUs of 80 GB."""
+    from transformers import AutoModelForCausalLM, DistributedConfig
     p = Path(path)
     if p.is_dir() and not list(p.glob("*.safetensors")):
         if list(p.glob("*.bin")) or list(p.glob("*.pt")):
@@ -520,11 +527,23 @@ def load_model(path, device="cpu", dtype=torch.float32, trust_remote_code: bool 
     if not p.exists() and (str(path).startswith((".", "/", "runs")) or str(path).count("/") > 1):
         fail(f"model '{path}' not found (run the stage that writes it, or pass --model)")
     try:
+        sharded = {"distributed_config": DistributedConfig(tp_plan="auto")} if (
+            tp and get_world() > 1) else {}
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            **sharded)
     except (OSError, ValueError) as e:
         fail(f"cannot load model '{path}': {str(e).splitlines()[0]}")
+    if sharded:
+        print0(f"{path}: tensor parallel, 1/{get_world()} of each layer per rank")
     return model.to(device)
+
+
+def work_share(tp: bool) -> tuple[int, int]:
+    """(share, shares): this process takes records share, share + shares, ... By default every
+    rank is a worker with a full model copy. Under --tp all ranks hold one model between them and
+    run the same batches, so there is one share; rank 0 alone writes it."""
+    return (0, 1) if tp else (get_rank(), get_world())
 
 
 def decoder_layers(model):

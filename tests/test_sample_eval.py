@@ -150,6 +150,21 @@ def test_sample_two_ranks_equal_one(toy_world, tmp_path, ref01):
     assert json.loads((tmp_path / "summary.json").read_text())["throughput"]["ranks"] == 2
 
 
+def test_sample_tensor_parallel_equals_one_process(toy_world, tmp_path, ref01):
+    """--tp: the model sharded over 2 ranks (transformers' tp_plan, gloo), both ranks on the same
+    batches, rank 0 writing: the 1-process records (sums over shards agree to ~1e-7 here, far
+    from flipping a draw)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--", str(ROOT / "01_sample.py"), "--run-dir", str(toy_world), "--out", str(tmp_path),
+           "--batch-size", "6", *SAMPLE_ARGS, "--limit", "6", "--tp"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tensor parallel, 1/2 of each layer per rank" in r.stdout + r.stderr
+    assert lines(tmp_path / "samples.jsonl") == ref01[:6]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["throughput"]["samples"] == 6 * 3  # counted once, not once per rank
+
+
 # -------------------------------------------------------------------------------------------------
 # 07_eval.py
 
