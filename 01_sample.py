@@ -58,8 +58,9 @@ parser.add_argument("--data", default=None, help="gsm8k, math500 or a JSONL path
 parser.add_argument("--split", default="train", help="hub split for gsm8k (a JSONL file is "
                     "its own split)")
 parser.add_argument("--limit", type=int, default=0, help="first K problems only (0: all)")
-parser.add_argument("--template", default="plain", choices=["plain", "chat"],
-                    help="plain 'Question: ...\\nAnswer:' (base models) or the chat template")
+parser.add_argument("--template", default="plain", choices=["plain", "fewshot", "chat"],
+                    help="plain 'Question: ...\\nAnswer:' (toy, SFT'd models), fewshot (4 worked "
+                         "examples first: base models) or the tokenizer's chat template")
 # sampling
 parser.add_argument("--n", type=int, default=8, help="samples per problem (cDPO: 64)")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature "

@@ -66,8 +66,9 @@ parser.add_argument("--data", default=None, help="gsm8k, math500 or a JSONL path
                     "(default: <run-dir>/00_toy/test.jsonl)")
 parser.add_argument("--split", default="test", help="hub split (a JSONL file is its own split)")
 parser.add_argument("--limit", type=int, default=0, help="first K problems only (0: all)")
-parser.add_argument("--template", default="plain", choices=["plain", "chat"],
-                    help="plain 'Question: ...\\nAnswer:' (base models) or the chat template")
+parser.add_argument("--template", default="plain", choices=["plain", "fewshot", "chat"],
+                    help="plain 'Question: ...\\nAnswer:' (toy, SFT'd models), fewshot (4 worked "
+                         "examples first: base models) or the tokenizer's chat template")
 # decoding
 parser.add_argument("--n", type=int, default=1, help="samples per problem (> 1: pass@k, maj@k)")
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

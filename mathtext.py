@@ -99,22 +99,46 @@ def load_problems(name_or_path: str, split: str = "test") -> list[dict]:
 # Prompts ------------------------------------------------------------------------------------------
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
+# Base models (Llama-3-8B, deepseek-math-7b-base) answer a bare plain prompt in any shape; a few
+# worked examples in the answer format every stage expects (Step k lines, "The answer is N.")
+# teach it in-context, as the cDPO recipe does with its few-shot blocks. Written for this project.
+FEWSHOT_EXAMPLES = [
+    ("A baker makes 48 rolls. She sells 30 of them and then bakes 12 more. How many rolls does "
+     "she have now?",
+     "Step 1: After selling, she has 48 - 30 = 18 rolls.\nStep 2: After baking, she has "
+     "18 + 12 = 30 rolls.\nThe answer is 30."),
+    ("Pens cost $3 each and a notebook costs $5. How much do 4 pens and 2 notebooks cost?",
+     "Step 1: The pens cost 4 * 3 = 12 dollars.\nStep 2: The notebooks cost 2 * 5 = 10 "
+     "dollars.\nStep 3: Together they cost 12 + 10 = 22 dollars.\nThe answer is 22."),
+    ("A train travels 60 miles per hour for 2.5 hours. How many miles does it travel?",
+     "Step 1: Distance is speed times time, 60 * 2.5 = 150 miles.\nThe answer is 150."),
+    ("Sam had 120 stamps and gave a quarter of them to his sister. He then bought 15 more. How "
+     "many stamps does he have?",
+     "Step 1: A quarter of 120 is 120 / 4 = 30 stamps.\nStep 2: After giving them away he has "
+     "120 - 30 = 90 stamps.\nStep 3: After buying more he has 90 + 15 = 105 stamps.\n"
+     "The answer is 105."),
+]
+FEWSHOT_BLOCK = "".join(PLAIN_TEMPLATE.format(question=q) + " " + a + "\n\n"
+                        for q, a in FEWSHOT_EXAMPLES)
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 # A base model under the plain template goes on to invent the next question: cut it there.
 STOP_STRINGS = ["\n\nQuestion:", "\n\nProblem:"]
 
 
 def format_prompt(question: str, template: str = "plain", tokenizer=None) -> str:
-    """'plain' for base models (the response starts with a space); 'chat' for instruct models."""
+    """'plain' for the toy model and SFT'd models (the response starts with a space), 'fewshot'
+    for base models (4 worked examples, then the plain prompt), 'chat' for instruct models."""
     if template == "plain":
         return PLAIN_TEMPLATE.format(question=question)
+    if template == "fewshot":
+        return FEWSHOT_BLOCK + PLAIN_TEMPLATE.format(question=question)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             fail("--template chat needs a tokenizer with a chat template; use --template plain")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": question + CHAT_SUFFIX}],
             tokenize=False, add_generation_prompt=True)
-    fail(f"unknown prompt template '{template}'; use plain or chat")
+    fail(f"unknown prompt template '{template}'; use plain, fewshot or chat")
 
 
 def cut_at_stop(text: str, stops: list[str] = STOP_STRINGS) -> str:

@@ -38,10 +38,13 @@ for seed in $(seq 0 $((SEEDS - 1))); do
     dir=$RUN-s$seed
     mkdir -p "$dir"
     for stage in 00_toy 01_sample 02_localize; do
-      ln -sfn "$(realpath "$RUN/$stage")" "$dir/$stage"
+      ln -sfn "$(realpath -m "$RUN/$stage")" "$dir/$stage"
     done
-    mkdir -p "$dir/07_eval" && ln -sfn "$(realpath "$RUN/07_eval/base")" "$dir/07_eval/base"
+    mkdir -p "$dir/07_eval" && ln -sfn "$(realpath -m "$RUN/07_eval/base")" "$dir/07_eval/base"
   fi
+
+  # trained afresh below: what was scored or evaluated with earlier models no longer applies
+  rm -rf "$dir"/04_score_tokens "$dir"/07_eval/{sft,dpo,cdpo,stepdpo}
 
   # 03: cDPO data selection, then the positive and negative SFT models (~2 min).
   $PY 03_contrastive_sft.py \
@@ -75,7 +78,8 @@ for seed in $(seq 0 $((SEEDS - 1))); do
     --model "$dir/06_train_stepdpo/model" --label stepdpo
 done
 
-# 08: the critical-token study on the base model (~2 min).
+# 08: the critical-token study on the base model, for the rejected answers scored by 04 (~2 min).
+rm -rf "$RUN/08_critical_tokens"
 $PY 08_critical_tokens.py \
   --run-dir "$RUN"
 

@@ -153,6 +153,15 @@ def test_prompts_and_stop_strings(capsys):
     assert chat == ("<user>What is 2+2?\nPlease reason step by step, and put your final answer "
                     "within \\boxed{}.<assistant>")
     assert "chat template" in stops_with(capsys, format_prompt, "q", "chat", None)
+    few = format_prompt("What is 2+2?", "fewshot")
+    assert few.endswith("\n\nQuestion: What is 2+2?\nAnswer:") and few.count("Question:") == 5
+    for q, a in mathtext.FEWSHOT_EXAMPLES:  # the examples are right, and in the format we parse
+        assert len(split_steps(" " + a)) == a.count("Step ")  # the answer line joins the last
+        steps = [float(x) for x in re.findall(r"= (\d+(?:\.\d+)?)", a)]
+        assert extract_answer(a) == str(int(steps[-1]))
+        ops = {"+": float.__add__, "-": float.__sub__, "*": float.__mul__, "/": float.__truediv__}
+        for x, op, y, val in re.findall(r"([\d.]+) ([-+*/]) ([\d.]+) = ([\d.]+)", a):
+            assert ops[op](float(x), float(y)) == float(val), (x, op, y, val)
     assert "unknown prompt template" in stops_with(capsys, format_prompt, "q", "fancy")
     text = " 2 + 2 = 4.\nThe answer is 4.\n\nQuestion: What is 3+3?\nAnswer: 6\n\nProblem: x"
     assert cut_at_stop(text, mathtext.STOP_STRINGS) == " 2 + 2 = 4.\nThe answer is 4."
