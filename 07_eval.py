@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
-                    encode_prompt, fail, file_stamp, generate, load_model, load_tokenizer, print0,
-                    seed_for, work_share, write_json)
+                    encode_prompt, fail, file_stamp, load_model, load_tokenizer, print0,
+                    sample_problems, work_share, write_json)
 from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load_problems
 
 # -------------------------------------------------------------------------------------------------
@@ -206,44 +206,30 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
 
     # Loop: (problem, sample) rows, --batch-size per generate call; a problem's record is
     # appended as soon as its last sample is back.
-    rows = [(p, k) for p in todo for k in range(args.n)]
     ids = {p["id"]: encode_prompt(tok, prompts[p["id"]]) for p in todo}
-    texts = {p["id"]: [] for p in todo}
     progress = Progress(len(todo), unit="problems")
-    n_tokens, n_right, n_done, t0 = 0, 0, 0, time.time()
-    for b in range(0, len(rows), args.batch_size):
-        chunk = rows[b:b + args.batch_size]
-        outs = generate(model, tok, [ids[p["id"]] for p, _ in chunk],
-                        seeds=[seed_for(args.seed, p["id"], k) for p, k in chunk],
-                        temperature=args.temperature, top_p=args.top_p,
-                        max_new_tokens=args.max_new_tokens, stop=tuple(STOP_STRINGS))
-        finished = []
-        for (p, k), o in zip(chunk, outs):
-            texts[p["id"]].append(o["text"])
-            n_tokens += len(o["ids"])
-            if k == args.n - 1:
-                finished.append(p)
-        for p in finished:
-            samples = []
-            for text in texts.pop(p["id"]):
-                pred = extract_answer(text)
-                samples.append({"text": text, "pred": pred, "correct": is_equiv(pred, p["answer"])})
-            rec = {"id": p["id"], "prompt": prompts[p["id"]], "output": samples[0]["text"],
-                   "pred": samples[0]["pred"], "gold": p["answer"],
-                   "correct": samples[0]["correct"]}
-            store.append({**rec, "samples": samples} if args.n > 1 else rec)
-            n_right += rec["correct"]
-            n_done += 1
+    n_rows, n_tokens, n_right, n_done, t0 = 0, 0, 0, 0, time.time()
+    for p, texts, n_rows, n_tokens in sample_problems(
+            model, tok, todo, ids, args.n, args.seed, args.batch_size,
+            temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, stop=tuple(STOP_STRINGS)):
+        samples = []
+        for text in texts:
+            pred = extract_answer(text)
+            samples.append({"text": text, "pred": pred, "correct": is_equiv(pred, p["answer"])})
+        rec = {"id": p["id"], "prompt": prompts[p["id"]], "output": samples[0]["text"],
+               "pred": samples[0]["pred"], "gold": p["answer"], "correct": samples[0]["correct"]}
+        store.append({**rec, "samples": samples} if args.n > 1 else rec)
+        n_right, n_done = n_right + rec["correct"], n_done + 1
         dt = time.time() - t0
-        progress.update(len(finished), samples_s=(b + len(chunk)) / dt, tok_s=n_tokens / dt,
-                        acc=n_right / max(1, n_done))
+        progress.update(1, samples_s=n_rows / dt, tok_s=n_tokens / dt, acc=n_right / n_done)
     progress.close()
     seconds = time.time() - t0
     del model
 
     # Write: rank 0 merges the ranks' part files in problem order, then results.json
     # summed over ranks; under --tp every rank counted the same share, so count it once
-    totals = all_reduce_sum(torch.tensor([n_tokens, len(rows)], device=device)) * shares / world
+    totals = all_reduce_sum(torch.tensor([n_tokens, n_rows], device=device)) * shares / world
     barrier()
     if rank != 0:
         store.close()

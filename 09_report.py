@@ -14,10 +14,11 @@ Writes <run-dir>/results.md             the table (mean and spread over seeds), 
 """
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 
-from common import fail, read_jsonl
+from common import fail, read_jsonl, write_text
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +26,8 @@ parser.add_argument("--run-dir", default="runs/toy", help="run directory (seed 0
 parser.add_argument("--seeds", type=int, default=1,
                     help="seeds to gather: seed k > 0 lives in <run-dir>-s<k>")
 parser.add_argument("--out", default=None, help="markdown output (default: <run-dir>/results.md)")
+parser.add_argument("--readme", default=None, help="also put the results between the '<!-- results "
+                    "-->' markers of this markdown file, pictures copied into docs/ beside it")
 
 # label in 07_eval -> (row name, training output dir, metrics file in it)
 METHODS = [
@@ -134,7 +137,8 @@ def main(args):
     if not (run_dir / "07_eval").exists():
         fail(f"{run_dir}/07_eval: no evaluations yet; run 07_eval.py first")
     lines = ["# Results: toy world", "",
-             f"Greedy accuracy on the toy test split; seeds: {', '.join(d.name for d in dirs)}.",
+             f"Greedy accuracy on the toy test split; {len(dirs)} seed(s): "
+             f"{', '.join(str(d) for d in dirs)}.",
              "Training cost = optimizer steps and seconds of the training stage (mean over seeds).",
              ""] + table(dirs)
     if plot_curves(run_dir, run_dir / "training_curves.png"):
@@ -143,8 +147,31 @@ def main(args):
     lines += ["", "Critical-token heatmap: [04_score_tokens/critical_tokens.html]"
               "(04_score_tokens/critical_tokens.html)"]
     out = Path(args.out or run_dir / "results.md")
-    out.write_text("\n".join(lines) + "\n")
+    write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.readme:
+        to_readme(Path(args.readme), run_dir, lines[2:])
+
+
+def to_readme(readme: Path, run_dir: Path, lines: list[str]):
+    """Replace the block between the results markers: the README shows what this run produced,
+    never numbers typed by hand. Pictures go to docs/ (tracked); the HTML link points at the run."""
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    text = readme.read_text(encoding="utf-8")
+    if begin not in text or end not in text:
+        fail(f"{readme}: no '{begin}' ... '{end}' block to fill")
+    docs = readme.parent / "docs"
+    docs.mkdir(exist_ok=True)
+    body = []
+    for line in lines:
+        for png in ("training_curves.png", "08_critical_tokens/pass_at_k.png"):
+            if f"({png})" in line and (run_dir / png).exists():
+                shutil.copyfile(run_dir / png, docs / Path(png).name)
+                line = line.replace(f"({png})", f"(docs/{Path(png).name})")
+        body.append(line.replace("(04_score_tokens/", f"({run_dir}/04_score_tokens/"))
+    head, rest = text.split(begin, 1)
+    write_text(readme, head + begin + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1])
+    print(f"results written into {readme}")
 
 
 if __name__ == "__main__":

@@ -497,6 +497,27 @@ def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = Non
     return results
 
 
+
+def sample_problems(model, tok, problems: list[dict], prompt_ids: dict, n: int, seed: int,
+                    batch_size: int, **gen):
+    """n samples of every problem, the (problem, k) rows of several problems packed into each
+    generate call of batch_size rows. Sample k of problem q draws with seed_for(seed, q, k), so it
+    does not depend on the batch, the ranks or a resume. Yields (problem, its n texts, rows done,
+    tokens generated so far) as soon as a problem's last sample is back, for its record to be
+    appended at once. `gen`: temperature, top_p, max_new_tokens, stop (see generate)."""
+    rows = [(p, k) for p in problems for k in range(n)]
+    texts, tokens = {p["id"]: [] for p in problems}, 0
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        outs = generate(model, tok, [prompt_ids[p["id"]] for p, _ in chunk],
+                        seeds=[seed_for(seed, p["id"], k) for p, k in chunk], **gen)
+        for (p, _), o in zip(chunk, outs):
+            texts[p["id"]].append(o["text"])
+            tokens += len(o["ids"])
+        for p, k in chunk:
+            if k == n - 1:
+                yield p, texts.pop(p["id"]), b + len(chunk), tokens
+
 # --------------------------------------------------------------------------------------------------
 # Models: Hugging Face format, safetensors only
 
