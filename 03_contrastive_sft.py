@@ -52,10 +52,10 @@ from pathlib import Path
 import torch
 
 from common import (add_training_args, adamw, all_reduce_sum, autocast_for, clip_grad_norm,
-                    dist_init, dist_teardown, encode_prompt, encode_response, fail, get_rank,
-                    get_world, global_batch, load_checkpoint, load_for_training, load_tokenizer,
-                    lr_at, MetricsLog, pad_right, print0, read_jsonl, save_checkpoint, save_model,
-                    seed_for, token_logps, write_json, write_jsonl)
+                    dist_init, dist_teardown, encode_prompt, encode_response, fail, global_batch,
+                    load_checkpoint, load_for_training, load_tokenizer, lr_at, MetricsLog,
+                    pad_right, print0, read_jsonl, save_checkpoint, save_model, seed_for,
+                    token_logps, write_json, write_jsonl)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

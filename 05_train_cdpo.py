@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (add_training_args, adamw, all_reduce_sum, autocast_for, clip_grad_norm,
-                    collate_pairs, dist_init, dist_teardown, fail, get_rank, get_world,
+                    collate_pairs, dist_init, dist_teardown, fail, get_world,
                     global_batch, load_checkpoint, load_for_training, load_tokenizer, lr_at,
                     MetricsLog, print0, read_jsonl, reference_logps, save_checkpoint, save_model,
                     token_logps)

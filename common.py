@@ -230,12 +230,15 @@ class ResumableJsonl:
 
 
 def file_stamp(path) -> list:
-    """What identifies a model's weights or an input file for resume checks: the path, then each
-    safetensors file of a model dir (or the file itself) with size and modification time, so a
-    retrained model or a rewritten file no longer matches. A hub id is just its name."""
+    """What identifies a model's weights or an input file for resume checks: each safetensors file
+    of a model dir (or the file itself) with size and modification time, so a retrained model or
+    a rewritten file no longer matches, while the same files reached by another path still do.
+    A hub id is just its name."""
     p = Path(path)
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.is_file() else []
-    return [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    if not p.exists():
+        return [str(path)]
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 # --------------------------------------------------------------------------------------------------

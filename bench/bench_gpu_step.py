@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import dist_init, dist_teardown, get_world, print0, token_logps  # noqa: E402
+from common import dist_init, dist_teardown, print0, token_logps  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+import judge
 from conftest import load_stage
 
 loc = load_stage("02_localize")
@@ -341,7 +342,7 @@ def test_exact_rollouts_find_the_oracle_step(toy_world, tmp_path, monkeypatch):
     ("Final Decision: correct; correct; correct; incorrect", 3, None),  # past the last step
 ])
 def test_parse_verdict(reply, n, k):
-    assert loc.parse_verdict(reply, n) == k
+    assert judge.parse_verdict(reply, n) == k
 
 
 class JudgeServer:

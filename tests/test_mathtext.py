@@ -126,7 +126,8 @@ def test_load_real_files():
                        for p in probs)
     gsm = load_problems(str(DATA / "gsm8k/test.jsonl"))
     assert sum("," in json.loads(line)["answer"].split("####")[1]
-               for line in open(DATA / "gsm8k/test.jsonl")) > 0  # commas exist and were removed
+               for line in open(DATA / "gsm8k/test.jsonl")) > 0  # commas exist in the file ...
+    assert not any("," in p["answer"] for p in gsm)  # ... and none survive loading
 
 
 @needs_data
