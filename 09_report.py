@@ -8,7 +8,7 @@ Reads  <run-dir>[-s1, -s2, ...]/07_eval/<label>/results.json   accuracy, 95% Wil
                                                                metrics.jsonl (training cost)
        <run-dir>/08_critical_tokens/study.json, 02_localize/summary.json (when present)
 Writes <run-dir>/results.md             the table (mean and spread over seeds), the studies
-       <run-dir>/training_curves.png    loss, reward margin, reward accuracy per method
+       <run-dir>/training_curves.png    loss, reward margin, reward accuracy, chosen reward
 
   python 09_report.py --run-dir runs/toy --seeds 3
 """
@@ -76,11 +76,17 @@ def table(dirs: list[Path]) -> list[str]:
     return lines
 
 
+def smooth(xs: list[float], window: int = 10) -> list[float]:
+    """Trailing moving mean: per-step DPO figures of a 16-pair batch are noisy."""
+    return [sum(xs[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(xs))]
+
+
 def plot_curves(run_dir: Path, path: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     drawn = False
     for _, name, train_dir, metrics in METHODS[2:]:
         f = run_dir / train_dir / metrics
@@ -88,12 +94,16 @@ def plot_curves(run_dir: Path, path: Path) -> bool:
             continue
         recs = read_jsonl(f)
         steps = [r["step"] for r in recs]
-        for ax, key in zip(axes, ("loss", "margin", "reward_acc")):
-            ax.plot(steps, [r[key] for r in recs], label=name)
-            ax.set(title=key, xlabel="optimizer step")
+        for ax, key in zip(axes, ("loss", "margin", "reward_acc", "chosen_reward")):
+            raw = [r[key] for r in recs]
+            line, = ax.plot(steps, raw, alpha=0.25, lw=0.8)  # every step, faint
+            ax.plot(steps, smooth(raw), color=line.get_color(), lw=1.8, label=name)
+            ax.set(title=key + " (per step; bold: moving mean of 10)", xlabel="optimizer step")
         drawn = True
     if drawn:
         axes[0].axhline(0.6931, color="grey", lw=0.8, ls=":")  # ln 2, the step-0 loss
+        for ax in axes:
+            ax.title.set_fontsize(9)
         axes[0].legend()
         fig.tight_layout()
         fig.savefig(path, dpi=110)
