@@ -38,7 +38,8 @@ from transformers.utils import logging as hf_logging
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
-parser = argparse.ArgumentParser(description="Build the toy world: problems, tokenizer, Llama.")
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--run-dir", default="runs/toy", help="run dir; writes <run-dir>/00_toy/")
 parser.add_argument("--seed", type=int, default=0, help="seed for problems, init and batch order")
 # data

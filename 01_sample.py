@@ -42,7 +42,8 @@ from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
-parser = argparse.ArgumentParser(description="Sample and grade --n completions per problem.")
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--run-dir", default="runs/toy", help="run directory")
 parser.add_argument("--model", default=None,
                     help="HF id or local dir (default: <run-dir>/00_toy/model)")

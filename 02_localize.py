@@ -57,7 +57,8 @@ from mathtext import STOP_STRINGS, extract_answer, is_equiv, split_steps
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
-parser = argparse.ArgumentParser(description="Step-DPO pairs: first wrong step by rollouts.")
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--run-dir", default="runs/toy", help="run directory")
 parser.add_argument("--model", default=None, help="HF id or dir of the model that wrote the "
                     "samples (default: <run-dir>/00_toy/model)")
@@ -103,7 +104,7 @@ parser.add_argument("--judge-timeout", type=float, default=120.0, help="seconds 
 # config that the records already in --out depend on: a resumed run must not change it
 SHAPES_RECORDS = ("seed", "per_problem", "rollouts", "threshold", "scan",
                   "rectify_budget", "temperature", "top_p", "max_new_tokens", "stop", "judge_url",
-                  "judge_model", "judge_prompt")
+                  "judge_model")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -257,7 +258,8 @@ def main(args):
     store = ResumableJsonl(out / "records.jsonl", share, writer=rank == 0 or not args.tp,
                            fingerprint={**{k: vars(args)[k] for k in SHAPES_RECORDS},
                                         "data": file_stamp(samples_path),
-                                        "model": file_stamp(args.model or run / "00_toy/model")})
+                                        "model": file_stamp(args.model or run / "00_toy/model"),
+                                        "judge_prompt": template})
     mine = [s for s in chosen_samples[share::shares] if s["key"] not in store.done]
     print0(f"{len(chosen_samples)} wrong samples from {len(problems)} problems | "
            f"{len(chosen_samples) - len(store.done)} to do on {world} rank(s)")

@@ -38,7 +38,8 @@ from common import (Progress, ResumableJsonl, barrier, collate_pairs, dist_init,
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
-parser = argparse.ArgumentParser(description="cDPO token weights by contrastive estimation.")
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--run-dir", default="runs/toy", help="run directory")
 parser.add_argument("--data", default=None, help="pairs to score (default: "
                     "<run-dir>/03_contrastive_sft/pairs.jsonl)")

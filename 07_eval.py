@@ -47,7 +47,8 @@ from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
-parser = argparse.ArgumentParser(description="Evaluate models on GSM8K, MATH500 or a JSONL.")
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--run-dir", default="runs/toy", help="run directory")
 parser.add_argument("--model", action="append", default=None, help="HF id or local dir; repeat "
                     "to compare several (default: <run-dir>/00_toy/model)")

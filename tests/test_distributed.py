@@ -85,3 +85,12 @@ def test_lora_two_processes_equal_one_and_save_a_merged_model(mini_chain, tmp_pa
     assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
                                        "o_proj.weight", "gate_proj.weight", "up_proj.weight",
                                        "down_proj.weight")) for k in changed), changed
+
+
+def test_memory_options_change_memory_not_results(mini_chain, one_process, tmp_path):
+    """--activation-checkpointing (recompute in backward) and --cpu-offload (FSDP2 keeps
+    parameters, gradients and optimizer state on the host) under 2 ranks: the same numbers."""
+    run_script("05_train_cdpo", "--run-dir", mini_chain, "--out", tmp_path, *TRAIN,
+               "--activation-checkpointing", "--cpu-offload", nproc=2)
+    assert losses(tmp_path) == pytest.approx(losses(one_process), abs=1e-4)
+    assert_same_weights(one_process / "model", tmp_path / "model", atol=1e-5)

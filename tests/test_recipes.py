@@ -45,3 +45,21 @@ def test_toy_scripts_flags_parse(tmp_path):
         for argv in recorded_commands(tmp_path, script, env={"RUN": str(run), "SEEDS": "2"}):
             stage = load_stage(argv[0].split("/")[-1].removesuffix(".py"))
             stage.parser.parse_args(argv[1:])
+
+
+STAGES = ["00_toy", "01_sample", "02_localize", "03_contrastive_sft", "04_score_tokens",
+          "05_train_cdpo", "06_train_stepdpo", "07_eval", "08_critical_tokens", "09_report"]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_stage_has_help_and_the_shared_flags(name):
+    """--help explains the stage (its docstring) and the flag vocabulary is one: every stage takes
+    --run-dir; those that read a previous stage's file take --data; those that write, --out."""
+    stage = load_stage(name)
+    text = stage.parser.format_help()
+    assert stage.__doc__.strip().splitlines()[0] in text
+    flags = {a for action in stage.parser._actions for a in action.option_strings}
+    assert "--run-dir" in flags
+    if name not in ("00_toy", "09_report"):
+        assert {"--data", "--out", "--model"} & flags == {"--data", "--out", "--model"} or \
+            name == "04_score_tokens" and {"--data", "--out", "--pos-model"} <= flags, flags
