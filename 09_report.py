@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 from common import fail, read_jsonl, write_text
@@ -51,15 +52,18 @@ def training_cost(path: Path) -> tuple[int, float] | None:
     return len(recs), sum(r.get("dt", 0.0) for r in recs)
 
 
-def mean_spread(xs: list[float]) -> str:
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+def mean_spread(xs: list[float], shared: bool) -> str:
+    """'mean ± sample sd (each seed)'; a row the seeds share (the base model) is shown once."""
+    if len(xs) == 1 or shared:
+        return f"{100 * xs[0]:.1f}" + (" (shared)" if len(xs) > 1 else "")
+    return (f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f} "
+            f"({' / '.join(f'{100 * x:.1f}' for x in xs)})")
 
 
 def table(dirs: list[Path]) -> list[str]:
-    lines = [f"| method | accuracy % (seed 0) [95% CI] | accuracy % over {len(dirs)} seed(s) "
-             "| n | unparsed | train steps | train s |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | accuracy % (seed 0) [95% CI] | accuracy % over {len(dirs)} seed(s): "
+             "mean ± sd (each seed) | n | unparsed | train steps | train s |",
+             "|---|---|---|---|---|---|---|"]
     for label, name, train_dir, metrics in METHODS:
         res = [d / "07_eval" / label / "results.json" for d in dirs]
         res = [json.loads(p.read_text()) for p in res if p.exists()]
@@ -71,7 +75,8 @@ def table(dirs: list[Path]) -> list[str]:
         steps = f"{costs[0][0]}" if costs else "-"
         secs = f"{statistics.mean(c[1] for c in costs):.0f}" if costs else "-"
         lines.append(f"| {name} | {100 * res[0]['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
-                     f"| {mean_spread([r['accuracy'] for r in res])} ({len(res)}) | {res[0]['n']} "
+                     f"| {mean_spread([r['accuracy'] for r in res], train_dir is None)} "
+                     f"| {res[0]['n']} "
                      f"| {res[0]['n_unparsed']} | {steps} | {secs} |")
     return lines
 
@@ -181,7 +186,7 @@ def to_readme(readme: Path, run_dir: Path, lines: list[str]):
         body.append(line.replace("(04_score_tokens/", f"({run_dir}/04_score_tokens/"))
     head, rest = text.split(begin, 1)
     write_text(readme, head + begin + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1])
-    print(f"results written into {readme}")
+    print(f"results written into {readme}", file=sys.stderr)
 
 
 if __name__ == "__main__":
