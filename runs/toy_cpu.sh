@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The toy demo: every stage, 00 -> 09, on the embedded toy world, on a CPU (~15 min on 2 cores).
+# The toy demo: every stage, 00 -> 09, on the embedded toy world, on a CPU (~14 min on 2 cores).
 #   bash runs/toy_cpu.sh            (what `make demo` runs)
 #   SEEDS=3 bash runs/toy_cpu.sh    the training stages again with seeds 1 and 2 (runs/toy-s1, -s2)
 set -euo pipefail
@@ -9,6 +9,11 @@ RUN=${RUN:-runs/toy}
 SEEDS=${SEEDS:-1}
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process is fastest on a small CPU
+# Sampling stages split their records over NPROC processes under torchrun (the records are the
+# ones a single process writes: every sample has its own seed); training runs in one process.
+NPROC=${NPROC:-2}
+SPLIT="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC --"
+[ "$NPROC" = 1 ] && SPLIT=$PY
 
 # 00: problems, tokenizer and a 0.86M-parameter Llama trained to ~50% accuracy (~4 min).
 if [ ! -f "$RUN/00_toy/model/model.safetensors" ]; then
@@ -17,13 +22,13 @@ if [ ! -f "$RUN/00_toy/model/model.safetensors" ]; then
 fi
 
 # 01: 8 samples at temperature 1 for each of 800 training problems, graded (~1 min).
-$PY 01_sample.py \
+$SPLIT 01_sample.py \
   --run-dir "$RUN" \
   --limit 800 \
   --n 8
 
-# 02: Step-DPO pairs: first wrong step by binary-search rollouts, self-rectified (~2 min).
-$PY 02_localize.py \
+# 02: Step-DPO pairs: first wrong step by binary-search rollouts, self-rectified (~3 min).
+$SPLIT 02_localize.py \
   --run-dir "$RUN"
 
 # 07: the base model on the toy test split (~10 s).
@@ -55,11 +60,13 @@ for seed in $(seq 0 $((SEEDS - 1))); do
   $PY 04_score_tokens.py \
     --run-dir "$dir"
 
-  # 05: plain DPO (the baseline) and cDPO from the base model (~1 min each).
+  # 05: plain DPO (the baseline, on the second core; its log in 05_train_dpo.log) and cDPO,
+  # both from the base model (~1 min each).
   $PY 05_train_cdpo.py \
     --run-dir "$dir" \
     --uniform \
-    --seed "$seed"
+    --seed "$seed" > "$dir/05_train_dpo.log" 2>&1 &
+  dpo=$!
   $PY 05_train_cdpo.py \
     --run-dir "$dir" \
     --seed "$seed"
@@ -68,6 +75,8 @@ for seed in $(seq 0 $((SEEDS - 1))); do
   $PY 06_train_stepdpo.py \
     --run-dir "$dir" \
     --seed "$seed"
+  wait "$dpo" || { tail -5 "$dir/05_train_dpo.log"; exit 1; }
+  tail -1 "$dir/05_train_dpo.log"
 
   # 07: every trained model on the same held-out toy test split (~10 s each).
   $PY 07_eval.py \
@@ -80,7 +89,7 @@ done
 
 # 08: the critical-token study on the base model, for the rejected answers scored by 04 (~2 min).
 rm -rf "$RUN/08_critical_tokens"
-$PY 08_critical_tokens.py \
+$SPLIT 08_critical_tokens.py \
   --run-dir "$RUN"
 
 # 09: results.md and the training curves, from the files above.

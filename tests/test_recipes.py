@@ -15,7 +15,8 @@ RECIPES = ["llama3-8b", "llama3-70b-lora", "llama3-70b-full", "deepseek-math-7b"
 def recorded_commands(tmp_path, script, *args, env=None):
     log = tmp_path / "calls.txt"
     shim = tmp_path / "py"
-    shim.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {log}\necho >> {log}\n')
+    # one write per call: the demo runs two stages at once, whose lines must not interleave
+    shim.write_text(f'#!/usr/bin/env bash\nline=$(printf "%q " "$@")\necho "$line" >> {log}\n')
     shim.chmod(0o755)
     subprocess.run(["bash", str(ROOT / "runs" / script), *args], check=True, timeout=60,
                    env={**os.environ, **(env or {}), "PY": str(shim)}, capture_output=True)
@@ -43,6 +44,8 @@ def test_toy_scripts_flags_parse(tmp_path):
         (run / "00_toy" / "model").mkdir(parents=True)
         (run / "00_toy" / "model" / "model.safetensors").write_bytes(b"")  # skip building it
         for argv in recorded_commands(tmp_path, script, env={"RUN": str(run), "SEEDS": "2"}):
+            if argv[:2] == ["-m", "torch.distributed.run"]:  # the sampling stages: 2 processes
+                argv = argv[argv.index("--") + 1:]
             stage = load_stage(argv[0].split("/")[-1].removesuffix(".py"))
             stage.parser.parse_args(argv[1:])
 
