@@ -14,10 +14,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process is fastes
 NPROC=${NPROC:-2}
 SPLIT="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC --"
 [ "$NPROC" = 1 ] && SPLIT=$PY
+# A stage that has the machine to itself trains in 2 threads (00: 190 instead of 330 ms a step).
+ALONE="env OMP_NUM_THREADS=${ALONE_THREADS:-2} $PY"
 
 # 00: problems, tokenizer and a 0.86M-parameter Llama trained to ~50% accuracy (~4 min).
 if [ ! -f "$RUN/00_toy/model/model.safetensors" ]; then
-  $PY 00_toy.py \
+  $ALONE 00_toy.py \
     --run-dir "$RUN"
 fi
 
@@ -52,7 +54,7 @@ for seed in $(seq 0 $((SEEDS - 1))); do
   rm -rf "$dir"/04_score_tokens "$dir"/07_eval/{sft,dpo,cdpo,stepdpo}
 
   # 03: cDPO data selection, then the positive and negative SFT models (~2 min).
-  $PY 03_contrastive_sft.py \
+  $ALONE 03_contrastive_sft.py \
     --run-dir "$dir" \
     --seed "$seed"
 

@@ -44,6 +44,8 @@ def test_toy_scripts_flags_parse(tmp_path):
         (run / "00_toy" / "model").mkdir(parents=True)
         (run / "00_toy" / "model" / "model.safetensors").write_bytes(b"")  # skip building it
         for argv in recorded_commands(tmp_path, script, env={"RUN": str(run), "SEEDS": "2"}):
+            if argv[0].startswith("OMP_NUM_THREADS="):  # `env OMP_NUM_THREADS=2 $PY stage ...`
+                argv = argv[2:]
             if argv[:2] == ["-m", "torch.distributed.run"]:  # the sampling stages: 2 processes
                 argv = argv[argv.index("--") + 1:]
             stage = load_stage(argv[0].split("/")[-1].removesuffix(".py"))
