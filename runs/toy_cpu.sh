@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The toy demo: every stage, 00 -> 09, on the embedded toy world, on a CPU (~14 min on 2 cores).
+# The toy demo: every stage, 00 -> 09, on the embedded toy world, on a CPU (~13 min on 2 cores;
+# measured from scratch: 806 s, or 1,214 s with SEEDS=3).
 #   bash runs/toy_cpu.sh            (what `make demo` runs)
 #   SEEDS=3 bash runs/toy_cpu.sh    the training stages again with seeds 1 and 2 (runs/toy-s1, -s2)
 set -euo pipefail
