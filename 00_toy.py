@@ -20,7 +20,6 @@ On a busy machine OMP_NUM_THREADS=1 runs several times faster than torch's defau
 """
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -35,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from transformers.utils import logging as hf_logging
+
+from common import generate, lr_at
+from mathtext import split_steps
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
@@ -68,7 +70,7 @@ OBJECTS = ["marbles", "apples", "stickers", "coins", "books", "cards", "shells",
 ADD = ["{he} finds {b} more.", "{he} buys {b} more.", "{he} gets {b} more from a friend."]
 SUB = ["{he} loses {b}.", "{he} gives away {b}.", "{he} sells {b}."]
 MUL = {2: "Then the number doubles.", 3: "Then the number triples."}
-STEP_RE = re.compile(r"Step \d+: [^\n]*= (-?\d+)")
+STEP_LINE = re.compile(r"\s*Step (\d+): (-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?:\n|$)")
 ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
 
 
@@ -111,12 +113,26 @@ def response_of(rec: dict) -> str:
     return f" {steps}\nThe answer is {final}."
 
 
-def first_wrong_step(text: str, step_values: list[int]) -> int:
-    """First k whose k-th "Step .. = c" line is missing or has c != step_values[k-1];
-    len(step_values) + 1 when every step is right (the ending is what went wrong)."""
-    got = [int(c) for c in STEP_RE.findall(text)]
-    wrong = (k for k, v in enumerate(step_values, 1) if k > len(got) or got[k - 1] != v)
-    return next(wrong, len(step_values) + 1)
+# The toy world's exact answer to "where did this attempt first go wrong?" (02 measures its
+# rollout localization against it): the first step whose result differs from the true value.
+
+
+def step_is_right(step: str, k: int, step_values: list[int]) -> bool:
+    """Is `step` the line `Step k: a op b = c` with the true value c = step_values[k-1]?"""
+    m = STEP_LINE.match(step)
+    return k <= len(step_values) and m is not None and int(m[1]) == k and \
+        int(m[5]) == step_values[k - 1]
+
+
+def first_wrong_step(steps: list[str], step_values: list[int]) -> int:
+    """First k whose step (mathtext.split_steps) is not the line `Step k: a op b = c` with
+    c = step_values[k-1] (missing or malformed counts as wrong). When every value is right the
+    ending went wrong: split_steps keeps "The answer is N." in the last step, so that step (or a
+    superfluous one after the last value) is the first wrong one."""
+    for k in range(1, len(step_values) + 1):
+        if k > len(steps) or not step_is_right(steps[k - 1], k, step_values):
+            return k
+    return min(len(step_values) + 1, len(steps))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -175,44 +191,12 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
-def lr_at(step: int, total: int, peak: float) -> float:
-    warmup = max(1, total // 20)  # 5% linear warmup, then cosine to 0 at `total`
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-@torch.no_grad()
-def greedy(model, tok, prompts: list[list[int]], max_new: int = 100, bs: int = 256) -> list[str]:
-    """Batched greedy decoding: left padding, attention mask, KV cache. Prompts carry BOS."""
-    texts = []
-    for s in range(0, len(prompts), bs):
-        chunk = prompts[s:s + bs]
-        B, P = len(chunk), max(map(len, chunk))
-        ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in chunk])  # (B, P)
-        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])  # (B, P)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 after the padding
-        out, past = torch.zeros(B, 0, dtype=torch.long), None
-        done = torch.zeros(B, dtype=torch.bool)
-        for _ in range(max_new):
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                        past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = res.past_key_values
-            nxt = res.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)  # (B,)
-            out = torch.cat([out, nxt[:, None]], 1)
-            done |= nxt == tok.eos_token_id
-            if done.all():
-                break
-            ids, pos = nxt[:, None], pos[:, -1:] + 1  # (B, 1): the cache holds the rest
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
-        texts += tok.batch_decode(out, skip_special_tokens=True)
-    return texts
-
-
 def evaluate(model, tok, recs: list[dict]) -> tuple[float, list[str], list[bool]]:
     """Greedy accuracy: "The answer is N." must match the gold "#### N"."""
     model.eval()
-    outs = greedy(model, tok, [tok(prompt_of(r)).input_ids for r in recs])
+    prompts = [tok(prompt_of(r)).input_ids for r in recs]  # BOS + prompt
+    outs = [o["text"] for s in range(0, len(prompts), 256)  # greedy, batched, KV cache
+            for o in generate(model, tok, prompts[s:s + 256], max_new_tokens=100)]
     model.train()
     ok = [(m := ANSWER_RE.search(o)) is not None and m.group(1) == r["answer"].split("#### ")[1]
           for o, r in zip(outs, recs)]
@@ -276,7 +260,7 @@ def main(args):
                                   for x, n in batch])[:, 1:].bool()  # (B, T-1): response + EOS
         logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
         loss = F.cross_entropy(logits[loss_mask], ids[:, 1:][loss_mask])  # mean over tokens
-        lr = lr_at(step, args.max_steps, args.lr)
+        lr = lr_at(step, args.max_steps, args.lr, warmup=max(1, args.max_steps // 20))  # cosine
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -299,7 +283,7 @@ def main(args):
 
     # Greedy test accuracy, and where the wrong answers first go wrong
     test_acc, outs, ok = evaluate(model, tok, splits["test"])
-    wrong = Counter(first_wrong_step(o, r["step_values"])
+    wrong = Counter(first_wrong_step(split_steps(o), r["step_values"])
                     for o, r, good in zip(outs, splits["test"], ok) if not good)
     hist = {str(k): wrong[k] for k in sorted(wrong)}
 

@@ -39,9 +39,9 @@ Writes <run-dir>/02_localize/records.jsonl  one record per wrong sample (resume 
       --temperature 0.8 --top-p 0.95 --threshold 0
 """
 import argparse
+import importlib.util
 import json
 import os
-import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +54,10 @@ from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown,
                     read_jsonl, seed_for, work_share, write_json, write_jsonl)
 from judge import ask_judge, judge_message, parse_verdict
 from mathtext import STOP_STRINGS, extract_answer, is_equiv, split_steps
+
+_spec = importlib.util.spec_from_file_location("toy", Path(__file__).with_name("00_toy.py"))
+toy = importlib.util.module_from_spec(_spec)  # the toy world's exact first wrong step (oracle)
+_spec.loader.exec_module(toy)
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
@@ -187,30 +191,6 @@ def localize_job(n: int, rollouts: int, budget: int, threshold: float, scan: str
 
 
 # -------------------------------------------------------------------------------------------------
-# The toy world's exact answer: the first step whose result differs from the true value
-
-STEP_LINE = re.compile(r"\s*Step (\d+): (-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?:\n|$)")
-
-
-def step_is_right(step: str, k: int, step_values: list[int]) -> bool:
-    """Is `step` the line `Step k: a op b = c` with the true value c = step_values[k-1]?"""
-    m = STEP_LINE.match(step)
-    return k <= len(step_values) and m is not None and int(m[1]) == k and \
-        int(m[5]) == step_values[k - 1]
-
-
-def oracle_first_wrong(steps: list[str], step_values: list[int]) -> int:
-    """First k whose step does not begin with the line `Step k: a op b = c`, c = step_values[k-1]
-    (missing or malformed counts as wrong). When every value is right the ending went wrong:
-    split_steps keeps "The answer is N." in the last step, so that step (or a superfluous one
-    after the last value) is the first wrong one."""
-    for k in range(1, len(step_values) + 1):
-        if k > len(steps) or not step_is_right(steps[k - 1], k, step_values):
-            return k
-    return min(len(step_values) + 1, len(steps))
-
-
-# -------------------------------------------------------------------------------------------------
 
 
 def select_samples(problems: list[dict], per_problem: int) -> list[dict]:
@@ -311,7 +291,7 @@ def main(args):
                  sampled={str(j): len(c) for j, c in sorted(conts.items())},
                  continuations=sum(map(len, conts.values())))
         if "step_values" in rec:
-            r["oracle_step"] = oracle_first_wrong(steps, rec["step_values"])
+            r["oracle_step"] = toy.first_wrong_step(steps, rec["step_values"])
         chosen = distinct_first_steps(steps[k - 1], good[k - 1]) if k else []
         r["pairs"] = [{"prefix": s["prefixes"][k - 1], "chosen": c, "rejected": steps[k - 1]}
                       for c in chosen]
@@ -390,9 +370,10 @@ def write_outputs(out: Path, records: list[dict], problems: dict, config: dict):
         offsets = Counter(r["step_idx"] - r["oracle_step"] for r in compared)
         summary["located_minus_oracle"] = {str(d): n for d, n in sorted(offsets.items())}
         # what Step-DPO trains on: a right step preferred to a wrong one
-        right = [step_is_right(p["chosen"], p["step_idx"], problems[p["problem_id"]]["step_values"])
-                 and not step_is_right(p["rejected"], p["step_idx"],
-                                       problems[p["problem_id"]]["step_values"]) for p in pairs]
+        values = [problems[p["problem_id"]]["step_values"] for p in pairs]
+        right = [toy.step_is_right(p["chosen"], p["step_idx"], v)
+                 and not toy.step_is_right(p["rejected"], p["step_idx"], v)
+                 for p, v in zip(pairs, values)]
         summary["pair_precision"] = sum(right) / max(1, len(right))
     summary["config"] = config
     write_json(out / "summary.json", summary)

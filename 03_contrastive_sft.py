@@ -36,8 +36,8 @@ Many GPUs (the released 8B recipe: LoRA r 8, lr 3e-4 cosine, 1 epoch, batch 6):
 Released settings (PAPERS.md A4): LoRA r 8 / alpha 16 / dropout 0.1 on gate, up, down_proj; lr 3e-4,
 cosine, 100 warmup steps; 1 epoch; batch 6 (70B: 2 x accumulation 3); max length 1024; bf16; the
 last 300 examples held out for validation (not done here). Toy defaults below: full tuning,
-lr 2e-4, 3 epochs, batch 16, cosine, warmup 0.1 (toy test accuracy, one seed: base 43.2%,
-positive model 60.6%).
+lr 2e-4, 3 epochs, batch 16, cosine, warmup 0.1 (the positive model's accuracy is the SFT row of
+README, Results).
 """
 import argparse
 import json

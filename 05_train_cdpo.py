@@ -21,7 +21,7 @@ Writes  <run-dir>/05_train_cdpo/  (05_train_dpo/ with --uniform)
                                rejected_reward, margin, grad_norm, lr, tokens_per_s, dt
           checkpoints/         with --save-every (sharded torch.distributed.checkpoint)
 
-Toy world (2 CPU cores, ~30 s each on ~550 pairs: 102 steps of ~0.2 s, 3 s of reference):
+Toy world (2 CPU cores, ~35 s each on the demo's ~600 pairs: ~110 steps of ~0.3 s):
     python 05_train_cdpo.py --run-dir runs/toy
     python 05_train_cdpo.py --run-dir runs/toy --uniform          # the DPO baseline
 Many GPUs (FSDP2; the batch is global, each rank takes its share):
@@ -35,8 +35,9 @@ alpha 32, dropout 0 on q,k,v,o,gate,up,down_proj; AdamW lr 4e-5, linear decay, w
 weight decay 0.01; 3 epochs; global batch 8 (2 x accumulation 4); beta 0.1; pairs kept only when
 the prompt is < 512 and prompt + response < 1024 tokens; shuffle seed 33. 70B on 8 x 80 GB: LoRA
 as above, or full tuning with --cpu-offload (README's memory table). Toy defaults below: full
-tuning, lr 3e-5, 3 epochs, batch 16, warmup 0.1, linear decay, beta 0.1 (toy test accuracy,
-one seed: base 43.2%, DPO 34.4%, cDPO 60.0%; at lr 1e-4 DPO 23.2%, cDPO 57.4%).
+tuning, lr 3e-5 (near the released 4e-5), 3 epochs, batch 16, warmup 0.1, linear decay,
+beta 0.1; DPO and cDPO share them, as in the paper. How both fare at other lr and beta:
+runs/toy_sweep.sh and README, Results.
 """
 import argparse
 import json

@@ -78,14 +78,17 @@ def critical_position(correct: list[int], n: int, cancel_frac: float) -> int | N
     return candidate if candidate is not None else cancelled
 
 
-def count_right(model, tok, prefixes: list[list[int]], seeds: list[int], gold: str, args) -> list:
-    """Continue each prefix once; 1 if prefix + continuation ends with the gold answer."""
+def count_right(model, tok, prefixes: list[list[int]], seeds: list[int], gold: str, n_prompt: int,
+                args) -> list:
+    """Continue each prefix once; 1 if the answer (the prefix's response part + continuation; the
+    prompt's first n_prompt ids are left out, so a question's own numbers are never read as the
+    answer) ends with the gold answer."""
     right = []
     for s in range(0, len(prefixes), args.batch_size):
         outs = generate(model, tok, prefixes[s:s + args.batch_size], seeds[s:s + args.batch_size],
                         args.temperature, 1.0, args.max_new_tokens)
         for pre, out in zip(prefixes[s:s + args.batch_size], outs):
-            text = tok.decode(pre + out["ids"], skip_special_tokens=True)
+            text = tok.decode(pre[n_prompt:] + out["ids"], skip_special_tokens=True)
             right.append(int(is_equiv(extract_answer(text), gold)))
     return right
 
@@ -96,7 +99,7 @@ def study_answer(model, tok, pair: dict, args) -> dict:
     positions = range(len(y) - 1)  # the last id is EOS: nothing follows it
     prefixes = [P + y[:t + 1] for t in positions for _ in range(n)]
     seeds = [seed_for(args.seed, pair["id"], "with", t, r) for t in positions for r in range(n)]
-    right = count_right(model, tok, prefixes, seeds, pair["answer"], args)
+    right = count_right(model, tok, prefixes, seeds, pair["answer"], len(P), args)
     with_c = [sum(right[t * n:(t + 1) * n]) for t in positions]  # c_t
     t_star = critical_position(with_c, n, args.cancel_frac)
     rec = {"id": pair["id"], "n_tokens": len(y), "with_correct": with_c, "critical": t_star}
@@ -112,7 +115,8 @@ def study_answer(model, tok, pair: dict, args) -> dict:
     prefixes = [P + y[:t_star] + [a] for a in alts]
     seeds = [seed_for(args.seed, pair["id"], "without", r) for r in range(n)]
     w = pair["rejected_weights"]
-    rec.update(without_correct=sum(count_right(model, tok, prefixes, seeds, pair["answer"], args)),
+    rec.update(without_correct=sum(count_right(model, tok, prefixes, seeds, pair["answer"], len(P),
+                                               args)),
                critical_token=tok.decode([y[t_star]]),
                weight_rank=1 + sum(x > w[t_star] for x in w))  # 1 = the largest weight
     return rec

@@ -7,6 +7,7 @@ Reads  <run-dir>[-s1, -s2, ...]/07_eval/<label>/results.json   accuracy, 95% Wil
        <run-dir>[-sK]/{05_train_dpo,05_train_cdpo,06_train_stepdpo,03_contrastive_sft}/...
                                                                metrics.jsonl (training cost)
        <run-dir>/08_critical_tokens/study.json, 02_localize/summary.json (when present)
+       <run-dir>/sweep/07_eval_{dev,test}/<label>/results.json  runs/toy_sweep.sh's grid
 Writes <run-dir>/results.md             the table (mean and spread over seeds), the studies
        <run-dir>/training_curves.png    loss, reward margin, reward accuracy, chosen reward
 
@@ -146,6 +147,37 @@ def studies(run_dir: Path) -> list[str]:
     return lines
 
 
+def sweep(run_dir: Path) -> list[str]:
+    """runs/toy_sweep.sh's grid: every (method, lr, beta) on the dev split, to choose by, and on
+    the test split, to report; the best dev accuracy of each method in bold."""
+    root = run_dir / "sweep"
+    acc = lambda split, label: json.loads(  # noqa: E731
+        (root / f"07_eval_{split}" / label / "results.json").read_text())["accuracy"]
+    rows = []
+    for res in sorted((root / "07_eval_dev").glob("*/results.json")):
+        label = res.parent.name
+        cfg = root / label / "model" / "training_config.json"
+        if not cfg.exists() or not (root / "07_eval_test" / label / "results.json").exists():
+            continue
+        cfg = json.loads(cfg.read_text())
+        rows.append((cfg["method"], cfg["lr"], cfg["beta"], acc("dev", label), acc("test", label)))
+    if not rows:
+        return []
+    order = {label: k for k, (label, *_) in enumerate(METHODS)}
+    rows.sort(key=lambda r: (order.get(r[0], 99), r[1], r[2]))
+    best = {m: max(r[3] for r in rows if r[0] == m) for m, *_ in rows}
+    names = {label: name for label, name, *_ in METHODS}
+    lines = ["", "### Learning rate and beta (runs/toy_sweep.sh)", "",
+             "Same pairs and seed as the table above; dev = the toy dev split (150 problems, "
+             "to choose by), test = the toy test split. Bold: each method's best on dev.", "",
+             "| method | lr | beta | dev accuracy % | test accuracy % |", "|---|---|---|---|---|"]
+    for method, lr, beta, dev, test in rows:
+        mark = "**" if dev == best[method] else ""
+        lines.append(f"| {names.get(method, method)} | {lr:g} | {beta:g} | {mark}{100 * dev:.1f}"
+                     f"{mark} | {100 * test:.1f} |")
+    return lines
+
+
 def main(args):
     run_dir = Path(args.run_dir)
     dirs = [d for d in run_dirs(run_dir, args.seeds) if d.exists()]
@@ -159,6 +191,7 @@ def main(args):
     if plot_curves(run_dir, run_dir / "training_curves.png"):
         lines += ["", "![training curves](training_curves.png)"]
     lines += studies(run_dir)
+    lines += sweep(run_dir)
     lines += ["", "Critical-token heatmap: [04_score_tokens/critical_tokens.html]"
               "(04_score_tokens/critical_tokens.html)"]
     out = Path(args.out or run_dir / "results.md")

@@ -467,8 +467,11 @@ def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = Non
     window = max((len(s) for s in stop), default=0) + 2  # tokens that surely hold a stop string
     may_stop, past = None, None
     for t in range(max_new_tokens):
+        # logits_to_keep=1: only the last position's logits, (b, 1, V). The prefill of a
+        # 256 x 800-token batch at vocabulary 128,256 would otherwise build (b, P, V) logits of
+        # 52 GB in bf16, just to read their last column.
         res = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True)
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
         past, logits = res.past_key_values, res.logits[:, -1]  # (b, V)
         nxt = _sample_rows(logits, temperature, top_p, None if u is None else u[live, t])  # (b,)
         out[live, t] = nxt

@@ -207,21 +207,21 @@ def test_oracle_first_wrong_step_on_toy_texts(toy_world):
         split = loc.split_steps
         m = len(rec["step_values"])
         assert len(split(toy_solution(rec))) == m  # "The answer is N." stays in the last step
-        assert loc.oracle_first_wrong(split(toy_solution(rec)), rec["step_values"]) == m
+        assert loc.toy.first_wrong_step(split(toy_solution(rec)), rec["step_values"]) == m
         wrong_end = toy_solution(rec).replace("The answer is", "The answer is 1")
-        assert loc.oracle_first_wrong(split(wrong_end), rec["step_values"]) == m
+        assert loc.toy.first_wrong_step(split(wrong_end), rec["step_values"]) == m
         extra = split(toy_solution(rec))
         extra[-1:] = [extra[-1].split("The")[0], f"Step {m + 1}: 1 + 1 = 2\nThe answer is 2."]
-        assert loc.oracle_first_wrong(extra, rec["step_values"]) == m + 1
+        assert loc.toy.first_wrong_step(extra, rec["step_values"]) == m + 1
         k, d = slip_for(rec, rng)
-        assert loc.oracle_first_wrong(split(toy_solution(rec, slip=(k, d))),
+        assert loc.toy.first_wrong_step(split(toy_solution(rec, slip=(k, d))),
                                       rec["step_values"]) == k
         steps = split(toy_solution(rec))
         del steps[m - 1]  # the last step line is missing
-        assert loc.oracle_first_wrong(steps, rec["step_values"]) == m
+        assert loc.toy.first_wrong_step(steps, rec["step_values"]) == m
         steps = split(toy_solution(rec))
         steps[0] = steps[0].replace(" = ", " is ")  # malformed first step
-        assert loc.oracle_first_wrong(steps, rec["step_values"]) == 1
+        assert loc.toy.first_wrong_step(steps, rec["step_values"]) == 1
 
 
 # -------------------------------------------------------------------------------------------------

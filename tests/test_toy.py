@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import load_stage, tiny_llama
+from conftest import load_stage
+from mathtext import split_steps
 
 toy = load_stage("00_toy")
 STEP = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
@@ -60,10 +61,15 @@ def test_prompt_response_format_and_first_wrong_step():
     assert toy.prompt_of(r) == "Question: " + r["question"] + "\nAnswer:"
     resp = toy.response_of(r)
     assert resp == " Step 1: 12 + 7 = 19\nStep 2: 19 - 4 = 15\nThe answer is 15."
-    assert toy.first_wrong_step(resp, [19, 15]) == 3  # every step right
-    assert toy.first_wrong_step(resp.replace("= 15", "= 16"), [19, 15]) == 2
-    assert toy.first_wrong_step(resp.replace("= 19", "= 18"), [19, 15]) == 1
-    assert toy.first_wrong_step(" Step 1: 12 + 7 = 19\nThe answer is 19.", [19, 15]) == 2
+    steps = split_steps(resp)
+    assert steps == [" Step 1: 12 + 7 = 19\n", "Step 2: 19 - 4 = 15\nThe answer is 15."]
+    assert toy.step_is_right(steps[0], 1, [19, 15]) and toy.step_is_right(steps[1], 2, [19, 15])
+    assert not toy.step_is_right(steps[1], 1, [19, 15])  # right value, wrong step number
+    assert toy.first_wrong_step(split_steps(resp.replace("= 15", "= 16")), [19, 15]) == 2
+    assert toy.first_wrong_step(split_steps(resp.replace("= 19", "= 18")), [19, 15]) == 1
+    assert toy.first_wrong_step(split_steps(resp.replace("7 = 19", "7 is 19")), [19, 15]) == 1
+    assert toy.first_wrong_step(split_steps(" Step 1: 12 + 7 = 19\nThe answer is 19."),
+                                [19, 15]) == 2  # a missing step is the first wrong one
 
 
 def test_tokenizer_contract(toy_world):
@@ -103,18 +109,6 @@ def test_saved_model_reloads_from_safetensors(toy_world):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["special_ids"]["eos"] == 2
     assert sum(summary["first_wrong_step"].values()) == round((1 - summary["test_acc"]) * 20)
-
-
-def test_batched_greedy_matches_one_at_a_time(toy_world):
-    """Left padding and its attention mask must not change what a prompt decodes to. A random
-    model, because the 20-step toy model repeats one token whatever the context (and would not
-    notice pads leaking into attention)."""
-    tok = AutoTokenizer.from_pretrained(toy_world / "00_toy" / "model")
-    model = tiny_llama(vocab=len(tok))
-    prompts = [tok(toy.prompt_of(r)).input_ids for r in records(toy_world, "test")[:3]]
-    assert len(set(map(len, prompts))) > 1  # the batch really is padded
-    batched = toy.greedy(model, tok, prompts, max_new=20)
-    assert batched == [toy.greedy(model, tok, [p], max_new=20)[0] for p in prompts]
 
 
 def test_same_seed_same_files_and_weights(toy_world, tmp_path):
