@@ -27,4 +27,4 @@ bench: .venv/done
 	$(PY) bench/bench_localize.py
 
 clean:
-	rm -rf runs/toy runs/toy_seed*
+	rm -rf runs/toy runs/toy-s[0-9]*
