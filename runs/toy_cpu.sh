@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The toy demo: every stage, 00 -> 09, on the embedded toy world, on a CPU (~13 min on 2 cores;
-# measured from scratch: 806 s, or 1,214 s with SEEDS=3).
+# The toy demo: every stage, 00 -> 09, on the embedded toy world, on a CPU (~9 min on 2 cores;
+# measured from scratch on an Intel Xeon: 541 s, or 874 s with SEEDS=3).
 #   bash runs/toy_cpu.sh            (what `make demo` runs)
 #   SEEDS=3 bash runs/toy_cpu.sh    the training stages again with seeds 1 and 2 (runs/toy-s1, -s2)
 set -euo pipefail
@@ -18,7 +18,7 @@ SPLIT="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC --"
 # A stage that has the machine to itself trains in 2 threads (00: 190 instead of 330 ms a step).
 ALONE="env OMP_NUM_THREADS=${ALONE_THREADS:-2} $PY"
 
-# 00: problems, tokenizer and a 0.86M-parameter Llama trained to ~50% accuracy (~4 min).
+# 00: problems, tokenizer and a 0.86M-parameter Llama trained until dev accuracy >= 45% (~3.5 min).
 if [ ! -f "$RUN/00_toy/model/model.safetensors" ]; then
   $ALONE 00_toy.py \
     --run-dir "$RUN"
