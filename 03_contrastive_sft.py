@@ -43,7 +43,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from collections import Counter
@@ -51,11 +50,11 @@ from pathlib import Path
 
 import torch
 
-from common import (add_training_args, adamw, all_reduce_sum, autocast_for, clip_grad_norm,
-                    dist_init, dist_teardown, encode_prompt, encode_response, fail, global_batch,
-                    load_checkpoint, load_for_training, load_tokenizer, lr_at, MetricsLog,
-                    pad_right, print0, read_jsonl, save_checkpoint, save_model, seed_for,
-                    token_logps, write_json, write_jsonl)
+from common import (add_training_args, all_reduce_sum, clip_grad_norm, dist_init, dist_teardown,
+                    encode_prompt, encode_response, fail, global_batch, load_checkpoint,
+                    load_tokenizer, lr_at, MetricsLog, pad_right, print0, read_jsonl,
+                    save_checkpoint, save_model, seed_for, token_logps, training_policy,
+                    write_json, write_jsonl)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,21 +125,11 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
     returns its figures."""
     rank, world, device = dist_init()  # already joined by main(): this only returns them
     mbs = args.micro_batch_size
-    lora = None
-    if args.lora_r:
-        from peft import LoraConfig
-        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.1,
-                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    model = load_for_training(model_path, device, args.bf16, args.cpu_offload,
-                              args.activation_checkpointing, lora, args.trust_remote_code)
-    opt = adamw(model, args.lr, args.weight_decay)
-    amp = autocast_for(device, args.bf16)
+    model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.1)
     total = args.max_steps or args.epochs * (len(examples) // B)
     warmup = round(args.warmup_ratio * total)
     ckpt = out / f"checkpoints_{name}"
-    if rank == 0 and not args.resume and ckpt.exists():
-        shutil.rmtree(ckpt)
-    step = load_checkpoint(ckpt, model, opt) if args.resume else 0
+    step = load_checkpoint(ckpt, model, opt, args.resume)  # fresh run: starts clean
     log = MetricsLog(out / f"metrics_{name}.jsonl", resume_step=step)
 
     model.train()

@@ -42,7 +42,6 @@ runs/toy_sweep.sh and README, Results.
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,11 +49,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (add_training_args, adamw, all_reduce_sum, autocast_for, clip_grad_norm,
-                    collate_pairs, dist_init, dist_teardown, fail, get_world,
-                    global_batch, load_checkpoint, load_for_training, load_tokenizer, lr_at,
-                    MetricsLog, print0, read_jsonl, reference_logps, save_checkpoint, save_model,
-                    token_logps)
+from common import (add_training_args, all_reduce_sum, clip_grad_norm, collate_pairs, dist_init,
+                    dist_teardown, fail, get_world, global_batch, load_checkpoint, load_tokenizer,
+                    lr_at, MetricsLog, print0, read_jsonl, reference_logps, save_checkpoint,
+                    save_model, token_logps, training_policy)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,15 +139,7 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
     B, mbs = args.batch_size, args.micro_batch_size
 
     # init: the policy (FSDP2 over ranks, optional LoRA); the reference is this same model, now
-    lora = None
-    if args.lora_r:
-        from peft import LoraConfig
-        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                          target_modules=lora_targets, task_type="CAUSAL_LM")
-    model = load_for_training(model_path, device, args.bf16, args.cpu_offload,
-                              args.activation_checkpointing, lora, args.trust_remote_code)
-    opt = adamw(model, args.lr, args.weight_decay)
-    amp = autocast_for(device, args.bf16)
+    model, opt, amp = training_policy(args, model_path, device, lora_targets, lora_dropout=0.0)
     t0 = time.time()
     ref = reference_logps(model, pairs, tok.pad_token_id, mbs, device, amp)
     for p, (ref_c, ref_r) in zip(pairs, ref):
@@ -159,9 +149,7 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
     total = args.max_steps or args.epochs * (len(pairs) // B)
     warmup = round(args.warmup_ratio * total)
     ckpt = out / "checkpoints"
-    if rank == 0 and not args.resume and ckpt.exists():  # a fresh run starts clean
-        shutil.rmtree(ckpt)
-    step = load_checkpoint(ckpt, model, opt) if args.resume else 0
+    step = load_checkpoint(ckpt, model, opt, args.resume)  # fresh run: starts clean
     if step:
         print0(f"resumed at step {step} from {ckpt}")
     log = MetricsLog(out / "metrics.jsonl", resume_step=step)

@@ -11,8 +11,9 @@ This file holds what two or more stages share:
   batches      collate_pairs: (prompt, chosen, rejected, weights, reference log-probs) -> (2B, T)
   sampling     generate: batched, KV-cached, per-row seeded sampling with stop strings
   models       load_model / load_tokenizer / save_model (safetensors only), shard_model (FSDP2)
-  training     add_training_args, adamw, lr_at, global_batch (seeded epochs), reference_logps,
-               clip_grad_norm, save_checkpoint / load_checkpoint (torch.distributed.checkpoint),
+  training     add_training_args, training_policy, adamw, lr_at, global_batch (seeded epochs),
+               reference_logps, clip_grad_norm, save_checkpoint / load_checkpoint
+               (torch.distributed.checkpoint),
                MetricsLog (JSONL + one '|' line per step), Progress (one updating line with ETA)
 """
 import functools
@@ -20,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -768,6 +770,20 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def training_policy(args, model_path, device, lora_targets: list[str], lora_dropout: float):
+    """The model, its AdamW and its autocast as add_training_args' flags describe them (03, 05,
+    06): FSDP2 over the ranks (load_for_training), with LoRA of rank --lora-r (alpha 2r) on
+    lora_targets when that is set."""
+    lora = None
+    if args.lora_r:
+        from peft import LoraConfig
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=lora_dropout,
+                          target_modules=lora_targets, task_type="CAUSAL_LM")
+    model = load_for_training(model_path, device, args.bf16, args.cpu_offload,
+                              args.activation_checkpointing, lora, args.trust_remote_code)
+    return model, adamw(model, args.lr, args.weight_decay), autocast_for(device, args.bf16)
+
+
 def autocast_for(device, bf16: bool):
     """bf16 compute in one process (under FSDP2 its MixedPrecisionPolicy does it); else a no-op."""
     return torch.autocast(device.type, torch.bfloat16, enabled=bf16 and get_world() == 1)
@@ -788,10 +804,15 @@ def save_checkpoint(ckpt_dir, model, opt, step: int):
         write_json(ckpt_dir / "latest.json", {"step": step})
 
 
-def load_checkpoint(ckpt_dir, model, opt) -> int:
-    """Restore the latest checkpoint in ckpt_dir; returns its step (0 when there is none)."""
+def load_checkpoint(ckpt_dir, model, opt, resume: bool = True) -> int:
+    """--resume: restore the latest checkpoint in ckpt_dir and return its step (0 when there is
+    none). A fresh run (resume=False) starts clean: rank 0 deletes what an earlier run left there."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not resume:
+        if get_rank() == 0 and Path(ckpt_dir).exists():
+            shutil.rmtree(ckpt_dir)
+        return 0
     latest = Path(ckpt_dir) / "latest.json"
     if not latest.exists():
         return 0

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import common
 from common import collate_pairs, encode_prompt, encode_response, reference_logps, token_logps
 from conftest import load_stage, tiny_llama
 
@@ -393,7 +394,7 @@ def test_gradient_accumulation_equals_one_big_batch(run, tmp_path, stage, monkey
     first step is ~lr * sign(g) and would turn float noise in near-zero gradients into lr-sized
     differences."""
     mod = cdpo if stage == "05" else sft
-    monkeypatch.setattr(mod, "adamw", lambda model, lr, wd: torch.optim.SGD(
+    monkeypatch.setattr(common, "adamw", lambda model, lr, wd: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=lr))
     final = {}
     for mbs in (8, 2):
