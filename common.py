@@ -680,7 +680,6 @@ def save_model(model, tok, out_dir, extra: dict | None = None):
         if extra:
             write_json(tmp / "training_config.json", extra)
         if out_dir.exists():
-            import shutil
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     barrier()
@@ -807,12 +806,12 @@ def save_checkpoint(ckpt_dir, model, opt, step: int):
 def load_checkpoint(ckpt_dir, model, opt, resume: bool = True) -> int:
     """--resume: restore the latest checkpoint in ckpt_dir and return its step (0 when there is
     none). A fresh run (resume=False) starts clean: rank 0 deletes what an earlier run left there."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if not resume:
         if get_rank() == 0 and Path(ckpt_dir).exists():
             shutil.rmtree(ckpt_dir)
         return 0
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     latest = Path(ckpt_dir) / "latest.json"
     if not latest.exists():
         return 0
