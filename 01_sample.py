@@ -3,8 +3,10 @@ Stage 01: --n graded completions per problem, the raw material of both methods (
 
 For each problem q with gold answer a, draw samples y_1..y_n ~ pi(. | prompt(q)) at --temperature
 with nucleus --top-p, each stopped at EOS, at a stop string (mathtext.STOP_STRINGS: the model
-starting the next question) or after --max-new-tokens, and grade them:
-pred_k = extract_answer(y_k), correct_k = is_equiv(pred_k, a). Sample k of problem q is drawn with
+starting the next question), at an end id of the model (every eos id of its generation config)
+or after --max-new-tokens, and grade them: pred_k = extract_answer(y_k), correct_k =
+is_equiv(pred_k, a). A sample cut by --max-new-tokens is marked truncated and never counts as right
+(its "last number" may be a partial result); later stages never train on it as a whole answer. Sample k of problem q is drawn with
 seed_for(--seed, q, k), so the same --seed gives the same samples whatever the batching, the number
 of ranks or the point a run was resumed from. Rows of several problems share one forward
 (--batch-size sequences) for throughput.
@@ -12,10 +14,13 @@ of ranks or the point a run was resumed from. Rows of several problems share one
 Reads  --data: <run-dir>/00_toy/train.jsonl by default (cDPO samples *training* questions), or
        gsm8k, math500, or any GSM8K / MATH-format JSONL (mathtext.load_problems)
 Writes <run-dir>/01_sample/samples.jsonl  one record per problem: {id, question, answer, prompt,
-                                          samples: [{text, pred, correct}]} (+ step_values,
-                                          solution, level, subject when the problem has them)
+                                          samples: [{text, pred, correct, truncated, eos_id}]}
+                                          (+ step_values, solution, level, subject when the
+                                          problem has them); eos_id = the end id that makes the
+                                          text a whole answer (common.response_eos), null if cut
        <run-dir>/01_sample/summary.json   config, problems, sample accuracy, share of problems
-                                          with both right and wrong samples, throughput
+                                          with both right and wrong samples, truncated share,
+                                          throughput
 
 Resumable: records are appended (one write + fsync each) as problems finish; a run killed at any
 moment and started again with the same command skips the finished problems and drops a torn last
@@ -37,8 +42,8 @@ import torch
 
 from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
                     encode_prompt, fail, file_stamp, load_model, load_tokenizer, print0,
-                    sample_problems, work_share, write_json)
-from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load_problems
+                    response_eos, sample_problems, work_share, write_json)
+from mathtext import STOP_STRINGS, TEMPLATES, format_prompt, grade, load_problems
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
@@ -59,9 +64,11 @@ parser.add_argument("--data", default=None, help="gsm8k, math500 or a JSONL path
 parser.add_argument("--split", default="train", help="hub split for gsm8k (a JSONL file is "
                     "its own split)")
 parser.add_argument("--limit", type=int, default=0, help="first K problems only (0: all)")
-parser.add_argument("--template", default="plain", choices=["plain", "fewshot", "chat"],
+parser.add_argument("--template", default="plain", choices=TEMPLATES,
                     help="plain 'Question: ...\\nAnswer:' (toy, SFT'd models), fewshot (4 worked "
-                         "examples first: base models) or the tokenizer's chat template")
+                         "examples first: base models), chat (the question as the user message "
+                         "of the tokenizer's chat template) or chat-boxed (+ 'Please reason step "
+                         "by step, and put your final answer within \\boxed{}.')")
 # sampling
 parser.add_argument("--n", type=int, default=8, help="samples per problem (cDPO: 64)")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature "
@@ -81,11 +88,6 @@ SHAPES_SAMPLES = ("model", "data", "split", "template", "n", "temperature", "top
 # Grading and the summary
 
 
-def grade(text: str, gold: str) -> dict:
-    pred = extract_answer(text)
-    return {"text": text, "pred": pred, "correct": is_equiv(pred, gold)}
-
-
 def summarize(records: list[dict]) -> dict:
     """Sample accuracy, and the share of problems with both a right and a wrong sample (only
     those yield a DPO pair)."""
@@ -96,7 +98,9 @@ def summarize(records: list[dict]) -> dict:
             "mixed_share": sum(0 < c < k for c, k in zip(right, n)) / max(1, len(records)),
             "all_right_share": sum(c == k for c, k in zip(right, n)) / max(1, len(records)),
             "unparsed_share": sum(s["pred"] is None for r in records for s in r["samples"])
-            / max(1, sum(n))}
+            / max(1, sum(n)),
+            "truncated_share": sum(s.get("truncated", False) for r in records
+                                   for s in r["samples"]) / max(1, sum(n))}
 
 
 def main(args):
@@ -139,19 +143,24 @@ def main(args):
     # appended as soon as its last sample is back.
     ids = {p["id"]: encode_prompt(tok, p["prompt"]) for p in todo}
     progress = Progress(len(todo), unit="problems")
-    n_rows, n_tokens, n_right, n_done, t0 = 0, 0, 0, 0, time.time()
-    for p, texts, n_rows, n_tokens in sample_problems(
+    n_rows, n_tokens, n_right, n_cut, n_done, t0 = 0, 0, 0, 0, 0, time.time()
+    for p, outs, n_rows, n_tokens in sample_problems(
             model, tok, todo, ids, args.n, args.seed, args.batch_size,
             temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, stop=tuple(STOP_STRINGS)):
-        samples = [grade(t, p["answer"]) for t in texts]
+        samples = []
+        for o in outs:
+            pred, correct = grade(o["text"], p["answer"], o["finish"] == "length")
+            samples.append({"text": o["text"], "pred": pred, "correct": correct,
+                            "truncated": o["finish"] == "length", "eos_id": response_eos(tok, o)})
         store.append({"id": p["id"], "question": p["question"], "answer": p["answer"],
                       "prompt": p["prompt"], "samples": samples,
                       **{f: p[f] for f in KEEP if f in p}})
         n_right, n_done = n_right + sum(s["correct"] for s in samples), n_done + 1
+        n_cut += sum(s["truncated"] for s in samples)
         dt = time.time() - t0
         progress.update(1, samples_s=n_rows / dt, tok_s=n_tokens / dt,
-                        acc=n_right / (args.n * n_done))
+                        acc=n_right / (args.n * n_done), truncated=n_cut / (args.n * n_done))
     progress.close()
     seconds = time.time() - t0
 

@@ -18,6 +18,12 @@ a right prefix of a weak model fails all of them ~20% of the time. Threshold 0 a
 located the exact step in 70% of 605 samples; at most 1 success in 8 at temperature 0.5 in 80% of
 480 (fewer samples pass p_0). Pass --threshold 0 --temperature 1 for the paper's rule.
 
+A rollout cut by --max-new-tokens never counts as a success (its last number may be a partial
+result), and samples that were themselves cut in 01 are not localized (counted in the summary as
+truncated_samples_skipped): they are unfinished, not wrong, so rate(n) = 0 would not hold. The context of p_j is the prompt ids and
+the ids of s_1..s_j cut from the tokenization of the whole sample (common.encode_steps), so the
+rollouts continue from the very tokens the model wrote, not from a re-tokenized seam.
+
 Rectification: the first step of each distinct successful continuation of p_{k-1} is a `chosen`,
 s_k is `rejected` (context = prompt + s_1..s_{k-1}); more continuations are sampled, up to
 --rectify-budget, only when p_{k-1} has no successful one yet (judge mode). With --judge-url an
@@ -25,7 +31,7 @@ OpenAI-compatible chat endpoint labels the steps instead (prompt: --judge-prompt
 step graded neutral or incorrect; an unparsable verdict is counted and skipped).
 
 Reads  <run-dir>/01_sample/samples.jsonl   {id, question, answer, prompt, samples: [{text, pred,
-                                            correct}]} (+ step_values in the toy world)
+                                            correct, truncated}]} (+ step_values in the toy world)
 Writes <run-dir>/02_localize/records.jsonl  one record per wrong sample (resume state, audit)
        <run-dir>/02_localize/pairs.jsonl    {id, problem_id, prompt, prefix, chosen, rejected,
                                             step_idx, rollouts: {j: successes}, answer}
@@ -50,10 +56,10 @@ from pathlib import Path
 import torch
 
 from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, encode_prompt,
-                    encode_response, fail, file_stamp, generate, load_model, load_tokenizer, print0,
+                    encode_steps, fail, file_stamp, generate, load_model, load_tokenizer, print0,
                     read_jsonl, seed_for, work_share, write_json, write_jsonl)
 from judge import ask_judge, judge_message, parse_verdict
-from mathtext import STOP_STRINGS, extract_answer, is_equiv, split_steps
+from mathtext import STOP_STRINGS, grade, split_steps
 
 _spec = importlib.util.spec_from_file_location("toy", Path(__file__).with_name("00_toy.py"))
 toy = importlib.util.module_from_spec(_spec)  # the toy world's exact first wrong step (oracle)
@@ -169,9 +175,9 @@ def localize_job(n: int, rollouts: int, budget: int, threshold: float, scan: str
     (the judge's), only the rectification from p_{k-1} runs."""
     conts, good = {}, {}
 
-    def take(j, texts):
-        conts.setdefault(j, []).extend(texts)
-        good.setdefault(j, []).extend(t for t in texts if reaches_gold(j, t))
+    def take(j, got):
+        conts.setdefault(j, []).extend(got)
+        good.setdefault(j, []).extend(c for c in got if reaches_gold(j, c))
 
     if k is None:
         search = search_first_wrong(n, threshold, scan)
@@ -194,12 +200,15 @@ def localize_job(n: int, rollouts: int, budget: int, threshold: float, scan: str
 
 
 def select_samples(problems: list[dict], per_problem: int) -> list[dict]:
-    """Up to per_problem distinct wrong answers per problem, keyed '<problem id>-s<index>'."""
+    """Up to per_problem distinct wrong answers per problem, keyed '<problem id>-s<index>'
+    (answers cut by the token limit are unfinished, not wrong: never picked)."""
     out = []
     for rec in problems:
         seen = set()
         for i, s in enumerate(rec["samples"]):
-            if not s["correct"] and s["text"] not in seen and len(seen) < per_problem:
+            if s["correct"] or s.get("truncated") or s["text"] in seen:
+                continue
+            if len(seen) < per_problem:
                 seen.add(s["text"])
                 out.append({"key": f"{rec['id']}-s{i}", "sample_idx": i, "rec": rec,
                             "text": s["text"]})
@@ -263,10 +272,14 @@ def main(args):
         rec, steps = s["rec"], split_steps(s["text"])
         prompt_ids, gold = encode_prompt(tok, rec["prompt"]), str(rec["answer"])
         prefixes = ["".join(steps[:j]) for j in range(len(steps) + 1)]
-        # context of p_j: prompt ids + prefix ids, tokenized apart (no EOS: p_j is no ending)
-        ctx = [prompt_ids + encode_response(tok, p, eos=False) for p in prefixes]
+        # context of p_j: prompt ids + the ids of s_1..s_j as the whole sample tokenizes (no EOS:
+        # p_j is no ending)
+        step_ids = encode_steps(tok, steps)
+        ctx = [prompt_ids + sum(step_ids[:j], []) for j in range(len(steps) + 1)]
         s.update(steps=steps, prefixes=prefixes, ctx=ctx, record={"id": s["key"]})
-        reaches = lambda j, c: is_equiv(extract_answer(prefixes[j] + c), gold)  # noqa: E731
+        # a continuation (a generate output) succeeds when p_j + it grades right, uncut
+        reaches = lambda j, c: grade(prefixes[j] + c["text"], gold,  # noqa: E731
+                                     c.get("finish") == "length")[1]
         k = None
         if s["key"] in verdicts:
             try:
@@ -292,14 +305,14 @@ def main(args):
                  continuations=sum(map(len, conts.values())))
         if "step_values" in rec:
             r["oracle_step"] = toy.first_wrong_step(steps, rec["step_values"])
-        chosen = distinct_first_steps(steps[k - 1], good[k - 1]) if k else []
+        chosen = distinct_first_steps(steps[k - 1], [c["text"] for c in good[k - 1]]) if k else []
         r["pairs"] = [{"prefix": s["prefixes"][k - 1], "chosen": c, "rejected": steps[k - 1]}
                       for c in chosen]
         r.setdefault("status", "p0_zero" if k is None else "paired" if chosen else "no_pairs")
         store.append(r)
 
     progress = Progress(len(mine), unit="samples")
-    pending, active, n_rollouts, t0 = list(reversed(mine)), {}, 0, time.time()
+    pending, active, n_rollouts, n_cut, t0 = list(reversed(mine)), {}, 0, 0, time.time()
     while pending or active:
         while pending and len(active) < max(1, args.batch_size // args.rollouts):
             s = pending.pop()
@@ -311,19 +324,20 @@ def main(args):
             active[s["key"]] = (s, job, next(job))
         rows = [(key, j, r) for key, (s, job, (j, r0, count)) in active.items()
                 for r in range(r0, r0 + count)]
-        texts = []
+        outs = []
         for b in range(0, len(rows), args.batch_size):
             chunk = rows[b:b + args.batch_size]
-            texts += [o["text"] for o in generate(
+            outs += generate(
                 model, tok, [active[key][0]["ctx"][j] for key, j, _ in chunk],
                 seeds=[seed_for(args.seed, active[key][0]["rec"]["id"],
                                 active[key][0]["sample_idx"], j, r) for key, j, r in chunk],
                 temperature=args.temperature, top_p=args.top_p,
-                max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))]
+                max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
         n_rollouts += len(rows)
+        n_cut += sum(o.get("finish") == "length" for o in outs)
         by_key = {}
-        for (key, _, _), text in zip(rows, texts):
-            by_key.setdefault(key, []).append(text)
+        for (key, _, _), o in zip(rows, outs):
+            by_key.setdefault(key, []).append(o)
         for key, got in by_key.items():
             s, job, _ = active[key]
             try:
@@ -331,7 +345,8 @@ def main(args):
             except StopIteration as stop:
                 del active[key]
                 finish(s, *stop.value)
-                progress.update(1, rollouts_per_s=n_rollouts / (time.time() - t0))
+                progress.update(1, rollouts_per_s=n_rollouts / (time.time() - t0),
+                                truncated=n_cut / max(1, n_rollouts))
     progress.close()
 
     # Write: merge the ranks' records, then pairs and summary from the records
@@ -355,6 +370,9 @@ def write_outputs(out: Path, records: list[dict], problems: dict, config: dict):
     write_jsonl(out / "pairs.jsonl", pairs)
     located = [r for r in records if r.get("step_idx")]
     summary = {"samples": len(records), "located": len(located), "pairs": len(pairs),
+               "truncated_samples_skipped": sum(bool(s.get("truncated")) and not s["correct"]
+                                                for rec in problems.values()
+                                                for s in rec["samples"]),
                "samples_with_pairs": sum(bool(r["pairs"]) for r in records),
                "skipped": dict(Counter(r["status"] for r in records if r["status"] != "paired")),
                "rollouts_per_sample": sum(r["continuations"] for r in records) / len(records),

@@ -1,7 +1,9 @@
 """cDPO step 1: select the SFT sets and the DPO pairs, fine-tune a positive and a negative model.
 
 Selection per problem (PAPERS.md A1; `select_examples`): shuffle the samples (seeded by --seed and
-the problem id), drop empty answers, group by extracted answer, order the groups by size (ties
+the problem id), drop empty answers and answers cut by the token limit (a cut answer has no final
+answer to group by, and an EOS after it would teach the model to stop mid-sentence; counted as
+truncated_samples), group by extracted answer, order the groups by size (ties
 keep the shuffled first-seen order, so they are broken at random but reproducibly); each group's
 representative is its first member.
   positive set  representatives of the --pos-top-k largest correct groups (released: 1)
@@ -15,15 +17,17 @@ score the tokens the model produced.
 
 Fine-tuning (PAPERS.md A0 step 3): two models from the same initial model, positive on the correct
 answers, negative on the wrong ones; loss = mean NLL of the response tokens (prompt via
-encode_prompt, response via encode_response with EOS), averaged over the response tokens of the
+encode_prompt, response via encode_response with the sample's own eos_id: the end id the model
+wrote, e.g. <|eot_id|> under a Llama-3 chat template), averaged over the response tokens of the
 global batch. Full fine-tuning by default; --lora-r r adds LoRA (alpha 2r, dropout 0.1, on
 gate/up/down_proj as released), merged on save so 04 loads ordinary HF models.
 
 Reads   <run-dir>/01_sample/samples.jsonl  (id, question, answer, prompt,
-                                            samples: [{text, pred, correct}])
+                                            samples: [{text, pred, correct, truncated, eos_id}])
 Writes  <run-dir>/03_contrastive_sft/
           pos/, neg/             HF models (safetensors + tokenizer + training_config.json)
-          pairs.jsonl            id, prompt, chosen, rejected, answer (gold)  -> 04
+          pairs.jsonl            id, prompt, chosen, rejected, chosen_eos_id, rejected_eos_id,
+                                 answer (gold)  -> 04
           metrics_{pos,neg}.jsonl  per optimizer step: step, loss, grad_norm, lr, tokens_per_s, dt
           summary.json           selection counts, training figures, config
 
@@ -84,9 +88,10 @@ LORA_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # released SFT targets
 
 def select_examples(samples: list[dict], rng: random.Random, pos_top_k: int = 1,
                     neg_top_p: float = 0.5):
-    """One problem's samples [{text, pred, correct}] -> (positive texts, negative texts,
-    (chosen, rejected) or None), by the released rule (module docstring)."""
-    samples = [s for s in samples if s["pred"] not in (None, "")]  # no extracted answer: counts nowhere
+    """One problem's samples [{text, pred, correct, truncated}] -> (positive samples, negative
+    samples, (chosen, rejected) samples or None), by the released rule (module docstring)."""
+    # no extracted answer, or cut by the token limit: counts nowhere
+    samples = [s for s in samples if s["pred"] not in (None, "") and not s.get("truncated")]
     rng.shuffle(samples)
     groups: dict[tuple, list[dict]] = {}  # (answer, correct) -> members in shuffled order
     for s in samples:
@@ -95,13 +100,13 @@ def select_examples(samples: list[dict], rng: random.Random, pos_top_k: int = 1,
     correct = [grp for grp in ordered if grp[0]["correct"]]
     wrong = [grp for grp in ordered if not grp[0]["correct"]]
 
-    positive = [grp[0]["text"] for grp in correct[:pos_top_k]]
+    positive = [grp[0] for grp in correct[:pos_top_k]]
     negative, budget = [], math.ceil(neg_top_p * sum(len(grp) for grp in wrong))
     for grp in wrong:
         if budget > 0 and (not negative or len(grp) >= 2):  # singletons only as the first pick
-            negative.append(grp[0]["text"])
+            negative.append(grp[0])
         budget -= len(grp)
-    pair = (correct[0][0]["text"], wrong[0][0]["text"]) if correct and wrong else None
+    pair = (correct[0][0], wrong[0][0]) if correct and wrong else None
     return positive, negative, pair
 
 
@@ -200,6 +205,9 @@ def main(args):
               "world": world}
 
     # select
+    tok = load_tokenizer(model_path, args.trust_remote_code)
+    # the end id a sample was written with; sample files that predate eos_id: the tokenizer's
+    eos_of = lambda s: s.get("eos_id", tok.eos_token_id)  # noqa: E731
     records = read_jsonl(data, required={"id": str, "prompt": str, "answer": str,
                                          "samples": list})[:args.limit or None]
     sets, pairs, counts = {"pos": [], "neg": []}, [], Counter(problems=len(records))
@@ -209,14 +217,18 @@ def main(args):
                 fail(f"{data}: problem '{rec['id']}': sample {j} needs text, pred and correct")
         rng = random.Random(seed_for(args.seed, rec["id"]))
         pos, neg, pair = select_examples(rec["samples"], rng, args.pos_top_k, args.neg_top_p)
-        sets["pos"] += [{"id": rec["id"], "prompt": rec["prompt"], "text": t} for t in pos]
-        sets["neg"] += [{"id": rec["id"], "prompt": rec["prompt"], "text": t} for t in neg]
+        sets["pos"] += [{"id": rec["id"], "prompt": rec["prompt"], "text": s["text"],
+                         "eos_id": eos_of(s)} for s in pos]
+        sets["neg"] += [{"id": rec["id"], "prompt": rec["prompt"], "text": s["text"],
+                         "eos_id": eos_of(s)} for s in neg]
         counts["empty_pred_samples"] += sum(s["pred"] in (None, "") for s in rec["samples"])
+        counts["truncated_samples"] += sum(bool(s.get("truncated")) for s in rec["samples"])
         if pair:
-            pairs.append({"id": rec["id"], "prompt": rec["prompt"], "chosen": pair[0],
-                          "rejected": pair[1], "answer": rec["answer"]})
+            pairs.append({"id": rec["id"], "prompt": rec["prompt"], "chosen": pair[0]["text"],
+                          "rejected": pair[1]["text"], "chosen_eos_id": eos_of(pair[0]),
+                          "rejected_eos_id": eos_of(pair[1]), "answer": rec["answer"]})
         elif not pos and not neg:
-            counts["skipped_no_answer"] += 1  # every sample's answer was empty
+            counts["skipped_no_answer"] += 1  # no sample has a whole answer that parses
         else:
             counts["skipped_no_correct" if not pos else "skipped_no_wrong"] += 1
     counts.update(pairs=len(pairs), pos_examples=len(sets["pos"]), neg_examples=len(sets["neg"]))
@@ -228,11 +240,10 @@ def main(args):
     print0("config " + json.dumps(config))
 
     # train: the same initial model twice, one set each
-    tok = load_tokenizer(model_path, args.trust_remote_code)
     trained = {}
     for name in which:
         examples = [{"prompt_ids": encode_prompt(tok, e["prompt"]),
-                     "response_ids": encode_response(tok, e["text"], eos=True)}
+                     "response_ids": encode_response(tok, e["text"], eos=e["eos_id"])}
                     for e in sets[name]]
         examples = [e for e in examples if len(e["prompt_ids"]) + len(e["response_ids"])
                     <= args.max_length]

@@ -11,10 +11,13 @@ the positive model prefers far more than the negative one gets p_t near 1, a tok
 negative model would write gets p_t near 0. cDPO penalises rejected tokens with weight 1 - p_t (the
 critical tokens) and may weight chosen tokens by p_t.
 
-Prompt and responses are tokenized apart (encode_prompt, encode_response with EOS) and the ids are
-stored with the weights, one weight per id, so stage 05 trains on exactly the ids that were scored.
+Prompt and responses are tokenized apart (encode_prompt, encode_response with the end id each
+answer was written with: the pair's chosen_eos_id / rejected_eos_id from 03, the tokenizer's eos
+where a hand-made file has none) and the ids are stored with the weights, one weight per id, so
+stage 05 trains on exactly the ids that were scored.
 
-Reads  <run-dir>/03_contrastive_sft/pairs.jsonl    {id, prompt, chosen, rejected (, answer)}
+Reads  <run-dir>/03_contrastive_sft/pairs.jsonl    {id, prompt, chosen, rejected (, chosen_eos_id,
+                                                   rejected_eos_id, answer)}
        <run-dir>/03_contrastive_sft/{pos,neg}/      the two fine-tuned models (same tokenizer)
 Writes <run-dir>/04_score_tokens/pairs.jsonl       {id, prompt_ids, chosen_ids, rejected_ids,
                                                    chosen_weights, rejected_weights, texts, answer}
@@ -212,9 +215,13 @@ def main(args):
     for p in pairs:
         if not p["chosen"].strip() or not p["rejected"].strip():
             fail(f"pair {p['id']}: empty chosen or rejected response")
+        eos = {side: p.get(f"{side}_eos_id", tok.eos_token_id) for side in ("chosen", "rejected")}
+        if not all(isinstance(e, int) and 0 <= e < len(tok) for e in eos.values()):
+            fail(f"{data}: pair '{p['id']}': chosen_eos_id / rejected_eos_id {list(eos.values())}"
+                 " must be token ids (an answer cut by the token limit is no full solution)")
         items.append({**p, "prompt_ids": encode_prompt(tok, p["prompt"]),
-                      "chosen_ids": encode_response(tok, p["chosen"], eos=True),
-                      "rejected_ids": encode_response(tok, p["rejected"], eos=True)})
+                      "chosen_ids": encode_response(tok, p["chosen"], eos=eos["chosen"]),
+                      "rejected_ids": encode_response(tok, p["rejected"], eos=eos["rejected"])})
     # resume only what these very models, these pairs and this --ce-beta produced
     share, shares = work_share(args.tp)  # pairs share, share + shares, ... are this rank's
     store = ResumableJsonl(out / "pairs.jsonl", share, writer=rank == 0 or not args.tp,

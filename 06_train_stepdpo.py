@@ -7,8 +7,10 @@ first wrong one:
                     - beta * log[pi_theta(s_lose | x, s_<k) / pi_ref(s_lose | x, s_<k)] )
 
 log pi(s | context) = sum of the log-probs of the step's tokens. Context ids = encode_prompt(prompt)
-+ encode_response(prefix, eos=False); each step is encode_response(step, eos=False): a step is not
-an ending, so no EOS. The reference is the initial policy, scored once before the first update;
++ the prefix's ids; prefix and step are cut from the tokenization of prefix + step
+(common.encode_steps), so the step's tokens are the ones the model wrote after that context
+(tokenized apart, a byte-level BPE would write a seam such as "\n\n" differently). A step is not an
+ending, so no EOS. The reference is the initial policy, scored once before the first update;
 the training loop is 05_train_cdpo.train_preference (one loop for the DPO family, imported from
 the file beside this one), so everything 05 guarantees holds here too: one model in memory,
 ln 2 at step 0, gradient accumulation = big batch, the NaN guard, torchrun/FSDP2, --resume.
@@ -40,8 +42,8 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from common import (add_training_args, dist_init, dist_teardown, encode_prompt, encode_response,
-                    fail, load_tokenizer, print0, read_jsonl)
+from common import (add_training_args, dist_init, dist_teardown, encode_prompt, encode_steps, fail,
+                    load_tokenizer, print0, read_jsonl)
 
 _spec = importlib.util.spec_from_file_location("cdpo", Path(__file__).with_name("05_train_cdpo.py"))
 cdpo = importlib.util.module_from_spec(_spec)  # 05's training loop; importing it runs nothing
@@ -84,12 +86,16 @@ def step_dpo_loss(policy_logps, ref_logps, step_mask, beta: float):
     return -F.logsigmoid(win - lose), win.detach(), lose.detach()
 
 
-def encode_step_pair(tok, rec: dict) -> dict:
-    """Context = prompt ids + prefix ids (tokenized apart, concatenated); steps without EOS."""
-    context = encode_prompt(tok, rec["prompt"]) + encode_response(tok, rec["prefix"], eos=False)
-    return {"id": rec["id"], "prompt_ids": context,
-            "chosen_ids": encode_response(tok, rec["chosen"], eos=False),
-            "rejected_ids": encode_response(tok, rec["rejected"], eos=False)}
+def encode_step_pair(tok, rec: dict) -> dict | None:
+    """Context = prompt ids + prefix ids; each step's ids cut from prefix + step tokenized
+    together; no EOS. None when the context would tokenize differently before the two steps (a
+    token straddling the seam): they would no longer share one context."""
+    prefix_c, chosen = encode_steps(tok, [rec["prefix"], rec["chosen"]])
+    prefix_r, rejected = encode_steps(tok, [rec["prefix"], rec["rejected"]])
+    if prefix_c != prefix_r:
+        return None
+    return {"id": rec["id"], "prompt_ids": encode_prompt(tok, rec["prompt"]) + prefix_c,
+            "chosen_ids": chosen, "rejected_ids": rejected}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,15 +103,18 @@ def encode_step_pair(tok, rec: dict) -> dict:
 
 def load_step_pairs(path: Path, tok, args) -> list[dict]:
     need = {"id": str, "prompt": str, "prefix": str, "chosen": str, "rejected": str}
-    pairs, too_long = [], 0
+    pairs, too_long, seams = [], 0, 0
     for rec in read_jsonl(path, required=need)[:args.limit or None]:
         pair = encode_step_pair(tok, rec)
+        if pair is None:
+            seams += 1
+            continue
         for side in ("chosen", "rejected"):
             if not pair[f"{side}_ids"]:
                 fail(f"{path}: pair '{rec['id']}': empty {side} step")
-            if tok.eos_token_id in pair[f"{side}_ids"]:  # e.g. a literal '</s>' in the text
-                fail(f"{path}: pair '{rec['id']}': {side} step encodes to an EOS token; "
-                     "a step is not an ending")
+            if set(pair[f"{side}_ids"]) & set(tok.all_special_ids):  # a literal '<|eot_id|>'
+                fail(f"{path}: pair '{rec['id']}': {side} step encodes to a special token "
+                     "(EOS or another end of turn); a step is not an ending")
         if len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"])) > \
                 args.max_length:
             too_long += 1
@@ -113,6 +122,8 @@ def load_step_pairs(path: Path, tok, args) -> list[dict]:
         pairs.append(pair)
     if too_long:
         print0(f"dropped {too_long} pairs longer than --max-length {args.max_length}")
+    if seams:
+        print0(f"dropped {seams} pairs whose context tokenizes differently before the two steps")
     if not pairs:
         fail(f"{path}: no pairs left to train on")
     return pairs

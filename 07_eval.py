@@ -2,19 +2,23 @@
 Stage 07: accuracy on GSM8K, MATH500 or a local JSONL (the toy test split by default).
 
 Greedy by default (temperature 0, one answer per problem, the protocol of PAPERS.md B4); graded
-with extract_answer / is_equiv (PAPERS.md C). Accuracy p = c / n comes with its 95% Wilson
+with extract_answer / is_equiv (PAPERS.md C); an answer cut by --max-new-tokens counts as wrong and
+is reported (n_truncated: raise the limit if it is not small). Accuracy p = c / n comes with its 95% Wilson
 interval: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.96. With --n k and a
 temperature each problem gets k samples: the record's output is sample 0 (accuracy stays the
 accuracy of one sample), and results add, for k' = 1, 2, 4, ... <= k,
   pass@k' = mean over problems of 1 - C(k-c, k') / C(k, k')   (unbiased; c = right samples)
   maj@k'  = share of problems whose most frequent answer among the first k' samples is right
+            (truncated samples do not vote)
             (answers grouped by a normalized string: spacing, \\dfrac, 1,000 vs 1000, 0.5 vs 1/2)
 MATH500 (problems with `level` / `subject`) adds accuracy by level and by subject.
 
 Reads  --data (default <run-dir>/00_toy/test.jsonl), --model (repeatable; default the toy model)
-Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, gold, correct}
-                                                     (+ samples: [{text, pred, correct}] if --n > 1)
-       <run-dir>/07_eval/<label>/results.json       accuracy, ci95, n, n_unparsed, pass@k, maj@k,
+Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, gold, correct,
+                                                     truncated} (+ samples: [{text, pred,
+                                                     correct, truncated}] if --n > 1)
+       <run-dir>/07_eval/<label>/results.json       accuracy, ci95, n, n_unparsed, n_truncated,
+                                                     pass@k, maj@k,
                                                      by_level, by_subject, throughput, config
        <run-dir>/07_eval/summary.md                 one table over every label evaluated so far
 <label> defaults to the model's stage: `base` for 00_toy/model, `05_train_cdpo` for
@@ -43,7 +47,7 @@ import torch
 from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
                     encode_prompt, fail, file_stamp, load_model, load_tokenizer, print0,
                     sample_problems, work_share, write_json)
-from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv, load_problems
+from mathtext import STOP_STRINGS, TEMPLATES, format_prompt, grade, is_equiv, load_problems
 
 # -------------------------------------------------------------------------------------------------
 # CLI arguments
@@ -67,9 +71,11 @@ parser.add_argument("--data", default=None, help="gsm8k, math500 or a JSONL path
                     "(default: <run-dir>/00_toy/test.jsonl)")
 parser.add_argument("--split", default="test", help="hub split (a JSONL file is its own split)")
 parser.add_argument("--limit", type=int, default=0, help="first K problems only (0: all)")
-parser.add_argument("--template", default="plain", choices=["plain", "fewshot", "chat"],
+parser.add_argument("--template", default="plain", choices=TEMPLATES,
                     help="plain 'Question: ...\\nAnswer:' (toy, SFT'd models), fewshot (4 worked "
-                         "examples first: base models) or the tokenizer's chat template")
+                         "examples first: base models), chat (the question as the user message "
+                         "of the tokenizer's chat template) or chat-boxed (+ 'Please reason step "
+                         "by step, and put your final answer within \\boxed{}.')")
 # decoding
 parser.add_argument("--n", type=int, default=1, help="samples per problem (> 1: pass@k, maj@k)")
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -133,12 +139,14 @@ def results_of(records: list[dict], problems: list[dict], n: int) -> dict:
     right = sum(r["correct"] for r in records)
     res = {"accuracy": right / len(records), "ci95": wilson(right, len(records)),
            "n": len(records), "n_correct": right,
-           "n_unparsed": sum(r["pred"] is None for r in records)}
+           "n_unparsed": sum(r["pred"] is None for r in records),
+           "n_truncated": sum(r.get("truncated", False) for r in records)}
     if n > 1:
         counts = [sum(s["correct"] for s in r["samples"]) for r in records]
         res["pass@k"] = {str(k): sum(pass_at_k(n, c, k) for c in counts) / len(records)
                          for k in powers_of_two(n)}
-        res["maj@k"] = {str(k): sum(is_equiv(majority([s["pred"] for s in r["samples"][:k]]),
+        res["maj@k"] = {str(k): sum(is_equiv(majority([None if s.get("truncated") else s["pred"]
+                                                       for s in r["samples"][:k]]),
                                              r["gold"]) for r in records) / len(records)
                         for k in powers_of_two(n)}
     for field in ("level", "subject"):
@@ -166,11 +174,13 @@ def default_label(model: str) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one row per results.json."""
-    lines = ["| label | data | accuracy | 95% CI | n | n_unparsed |", "|---|---|---|---|---|---|"]
+    lines = ["| label | data | accuracy | 95% CI | n | n_unparsed | n_truncated |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["ci95"]
         lines.append(f"| {r['label']} | {Path(r['config']['data']).name} | {r['accuracy']:.3f} | "
-                     f"[{lo:.3f}, {hi:.3f}] | {r['n']} | {r['n_unparsed']} |")
+                     f"[{lo:.3f}, {hi:.3f}] | {r['n']} | {r['n_unparsed']} | "
+                     f"{r.get('n_truncated', 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,21 +219,24 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
     # appended as soon as its last sample is back.
     ids = {p["id"]: encode_prompt(tok, prompts[p["id"]]) for p in todo}
     progress = Progress(len(todo), unit="problems")
-    n_rows, n_tokens, n_right, n_done, t0 = 0, 0, 0, 0, time.time()
-    for p, texts, n_rows, n_tokens in sample_problems(
+    n_rows, n_tokens, n_right, n_cut, n_done, t0 = 0, 0, 0, 0, 0, time.time()
+    for p, outs, n_rows, n_tokens in sample_problems(
             model, tok, todo, ids, args.n, args.seed, args.batch_size,
             temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, stop=tuple(STOP_STRINGS)):
         samples = []
-        for text in texts:
-            pred = extract_answer(text)
-            samples.append({"text": text, "pred": pred, "correct": is_equiv(pred, p["answer"])})
+        for o in outs:
+            pred, correct = grade(o["text"], p["answer"], o["finish"] == "length")
+            samples.append({"text": o["text"], "pred": pred, "correct": correct,
+                            "truncated": o["finish"] == "length"})
         rec = {"id": p["id"], "prompt": prompts[p["id"]], "output": samples[0]["text"],
-               "pred": samples[0]["pred"], "gold": p["answer"], "correct": samples[0]["correct"]}
+               "pred": samples[0]["pred"], "gold": p["answer"], "correct": samples[0]["correct"],
+               "truncated": samples[0]["truncated"]}
         store.append({**rec, "samples": samples} if args.n > 1 else rec)
-        n_right, n_done = n_right + rec["correct"], n_done + 1
+        n_right, n_done, n_cut = n_right + rec["correct"], n_done + 1, n_cut + rec["truncated"]
         dt = time.time() - t0
-        progress.update(1, samples_s=n_rows / dt, tok_s=n_tokens / dt, acc=n_right / n_done)
+        progress.update(1, samples_s=n_rows / dt, tok_s=n_tokens / dt, acc=n_right / n_done,
+                        truncated=n_cut / n_done)
     progress.close()
     seconds = time.time() - t0
     del model
@@ -245,7 +258,7 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
     write_json(out / "results.json", res)
     lo, hi = res["ci95"]
     print0(f"[{label}] accuracy {res['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | n {res['n']} | "
-           f"unparsed {res['n_unparsed']}" + "".join(
+           f"unparsed {res['n_unparsed']} | truncated {res['n_truncated']}" + "".join(
                f" | {m}{k} {v:.3f}" for m in ("pass@", "maj@") for k, v in
                res.get(m + "k", {}).items()) + f" -> {out}")
     return res

@@ -36,7 +36,7 @@ import torch
 from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, file_stamp,
                     generate, load_model, load_tokenizer, print0, read_jsonl, seed_for, work_share,
                     write_json)
-from mathtext import extract_answer, is_equiv
+from mathtext import grade
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,14 +82,15 @@ def count_right(model, tok, prefixes: list[list[int]], seeds: list[int], gold: s
                 args) -> list:
     """Continue each prefix once; 1 if the answer (the prefix's response part + continuation; the
     prompt's first n_prompt ids are left out, so a question's own numbers are never read as the
-    answer) ends with the gold answer."""
+    answer) grades right (mathtext.grade: its extracted answer is_equiv the gold one, and it was
+    not cut by --max-new-tokens)."""
     right = []
     for s in range(0, len(prefixes), args.batch_size):
         outs = generate(model, tok, prefixes[s:s + args.batch_size], seeds[s:s + args.batch_size],
                         args.temperature, 1.0, args.max_new_tokens)
         for pre, out in zip(prefixes[s:s + args.batch_size], outs):
             text = tok.decode(pre[n_prompt:] + out["ids"], skip_special_tokens=True)
-            right.append(int(is_equiv(extract_answer(text), gold)))
+            right.append(int(grade(text, gold, out["finish"] == "length")[1]))
     return right
 
 

@@ -6,10 +6,12 @@ This file holds what two or more stages share:
   errors       fail(msg): one clear line on stderr and exit code 2 (bad input is never a traceback)
   processes    dist_init / dist_teardown / print0 / all_reduce_sum: same code under python or torchrun
   files        read_jsonl (file:line errors), atomic writes, ResumableJsonl (append + resume by id)
-  tokens       encode_prompt / encode_response (prompt and response tokenized apart, one BOS)
-  log-probs    token_logps: the one place where the label shift happens, chunked over the vocabulary
+  tokens       encode_prompt / encode_response / encode_steps (tokenized apart, BOS as the
+               tokenizer adds it, EOS = the end id the model wrote)
+  log-probs    token_logps: the one place where the label shift happens, chunked over positions
   batches      collate_pairs: (prompt, chosen, rejected, weights, reference log-probs) -> (2B, T)
-  sampling     generate: batched, KV-cached, per-row seeded sampling with stop strings
+  sampling     generate: batched, KV-cached, per-row seeded sampling that stops at every end id
+               and stop string and says why it stopped; sample_problems; response_eos
   models       load_model / load_tokenizer / save_model (safetensors only), shard_model (FSDP2)
   training     add_training_args, training_policy, adamw, lr_at, global_batch (seeded epochs),
                reference_logps, clip_grad_norm, save_checkpoint / load_checkpoint
@@ -232,14 +234,20 @@ class ResumableJsonl:
 
 
 def file_stamp(path) -> list:
-    """What identifies a model's weights or an input file for resume checks: each safetensors file
-    of a model dir (or the file itself) with size and modification time, so a retrained model or
-    a rewritten file no longer matches, while the same files reached by another path still do.
-    A hub id is just its name."""
+    """What identifies a model or an input file for resume checks: every file of a model dir
+    (weights, config, generation config, tokenizer, chat template) or the file itself, with size
+    and modification time, so a retrained model, a changed tokenizer or end id, or a rewritten
+    file no longer matches, while the same files reached by another path still do. A hub id is
+    stamped by the files of its cached snapshot, whose directory name is the commit."""
     p = Path(path)
     if not p.exists():
-        return [str(path)]
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+        try:
+            from huggingface_hub import snapshot_download
+            p = Path(snapshot_download(str(path), local_files_only=True))
+        except Exception:  # not cached (or not a hub id): the name is all there is
+            return [str(path)]
+        return [p.name] + file_stamp(p)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
@@ -248,20 +256,53 @@ def file_stamp(path) -> list:
 # string), so the ids a weight was computed for are the ids the trainer sees.
 
 
+@functools.lru_cache(maxsize=16)
+def _leading_specials(tok) -> tuple[int, ...]:
+    """The ids the tokenizer itself puts before any text: (bos,) for Llama-3 and Llama-2 style
+    tokenizers, () for Qwen2 and SmolLM2 (whose bos_token exists but is never added)."""
+    full = tok("7", add_special_tokens=True).input_ids
+    bare = tok("7", add_special_tokens=False).input_ids
+    return tuple(full[:full.index(bare[0])]) if bare and bare[0] in full else ()
+
+
 def encode_prompt(tok, text: str) -> list[int]:
-    """Prompt ids with exactly one BOS where the tokenizer has one (chat templates often carry it
-    in the text already, so we never let the tokenizer add a second)."""
+    """Prompt ids that start the way the tokenizer starts a text: its BOS exactly once where it
+    adds one (a chat template often carries it in the text already: then it is not added again),
+    and none where it adds none, even if it defines a bos_token."""
     ids = tok(text, add_special_tokens=False).input_ids
-    bos = tok.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
+    lead = list(_leading_specials(tok))
+    return ids if ids[:len(lead)] == lead else lead + ids
 
 
-def encode_response(tok, text: str, eos: bool) -> list[int]:
-    """Response ids, no BOS; EOS appended for full solutions (a Step-DPO step is not an ending)."""
+def encode_response(tok, text: str, eos: bool | int | None) -> list[int]:
+    """Response ids, no BOS. `eos`: the end-of-turn id to append to a full solution (an int: the
+    id the model really ended with, e.g. <|eot_id|> rather than <|end_of_text|>; True: the
+    tokenizer's eos_token_id); False / None for a Step-DPO step (a step is not an ending) or an
+    answer cut by the token limit (it did not end)."""
     ids = tok(text, add_special_tokens=False).input_ids
-    return ids + [tok.eos_token_id] if eos else ids
+    if eos is True:
+        eos = tok.eos_token_id
+    return ids if eos is None or eos is False else ids + [int(eos)]
+
+
+def encode_steps(tok, steps: list[str]) -> list[list[int]]:
+    """The ids of each step of one response, cut from the tokenization of the whole response, so
+    that prefix ids + step ids are the tokens the model wrote. Tokenizing a step on its own can
+    differ at the seams: GPT-2-style byte-level BPE writes "\n\nStep 2" as "\n", "\n", "Step"
+    but "...\n\n" alone as one "\n\n" token. A token that straddles a step boundary belongs to
+    the step it starts in; a step left with no token of its own gets []."""
+    text = "".join(steps)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    bounds, at = [], 0
+    for s in steps:
+        at += len(s)
+        bounds.append(at)  # character offset where each step ends
+    out, k = [[] for _ in steps], 0
+    for i, (start, _) in zip(enc.input_ids, enc.offset_mapping):
+        while k < len(steps) - 1 and start >= bounds[k]:
+            k += 1
+        out[k].append(i)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,16 +485,27 @@ def _may_end_stop(tok, stop: tuple[str, ...], vocab: int) -> torch.Tensor:
     return torch.tensor([any(c in p for c in ends) for p in pieces] + [True] * (vocab - n))
 
 
+def end_ids(model, tok) -> list[int]:
+    """Every id that ends a turn: the tokenizer's eos and each eos id of the model's generation
+    config (Llama-3-Instruct lists <|end_of_text|> and <|eot_id|>; its chat turns end with the
+    second), as transformers' own generate stops at."""
+    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if cfg is None else [cfg] if isinstance(cfg, int) else list(cfg)
+    return sorted({int(i) for i in ids} | ({tok.eos_token_id} - {None}))
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = None,
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
              stop: tuple[str, ...] = ()) -> list[dict]:
     """Continue each prompt (token ids, BOS included). Left padding + KV cache; a row stops at
-    EOS, at any stop string, or after max_new_tokens, and then leaves the batch and the cache.
-    Row i draws its step-t token with uniform t of its own CPU generator seeded by seeds[i], so
-    its text does not depend on the device or on what else is in the batch.
-    Returns [{"ids": generated ids (EOS kept if produced), "text": decoded text cut at stop}]."""
+    any end id (end_ids), at any stop string, or after max_new_tokens, and then leaves the batch
+    and the cache. Row i draws its step-t token with uniform t of its own CPU generator seeded by
+    seeds[i], so its text does not depend on the device or on what else is in the batch.
+    Returns [{"ids": generated ids (the end id kept if produced), "text": decoded text cut at a
+    stop string, "finish": "eos" | "stop" | "length" (cut by max_new_tokens: truncated)}]."""
     device = next(model.parameters()).device
+    ends = torch.tensor(end_ids(model, tok), device=device)
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
@@ -465,6 +517,7 @@ def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = Non
                          for s in (seeds or [0] * B)]).to(device)  # (B, max_new_tokens)
     out = torch.full((B, max_new_tokens), pad, device=device)  # (B, N) generated ids
     length = torch.full((B,), max_new_tokens, device=device)  # (B,) ids each row keeps
+    finish = ["length"] * B
     live = torch.arange(B, device=device)  # (b,) the original row of each row still running
     window = max((len(s) for s in stop), default=0) + 2  # tokens that surely hold a stop string
     may_stop, past = None, None
@@ -477,7 +530,8 @@ def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = Non
         past, logits = res.past_key_values, res.logits[:, -1]  # (b, V)
         nxt = _sample_rows(logits, temperature, top_p, None if u is None else u[live, t])  # (b,)
         out[live, t] = nxt
-        ended = nxt == tok.eos_token_id  # (b,)
+        at_end = torch.isin(nxt, ends)  # (b,)
+        ended = at_end.clone()
         if stop:  # decode only the tails that may have just completed a stop string
             if may_stop is None:
                 may_stop = _may_end_stop(tok, tuple(stop), logits.shape[-1]).to(device)
@@ -488,6 +542,8 @@ def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = Non
                     ended[i] = any(s in text for s in stop)
         if ended.any():  # finished rows leave the batch and the KV cache
             length[live[ended]] = t + 1
+            for row, eos in zip(live[ended].tolist(), at_end[ended].tolist()):
+                finish[row] = "eos" if eos else "stop"
             keep = (~ended).nonzero().flatten()
             if keep.numel() == 0:
                 break
@@ -497,11 +553,11 @@ def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = Non
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         position_ids = position_ids[:, -1:] + 1
     results = []
-    for ids, n in zip(out.tolist(), length.tolist()):
+    for ids, n, why in zip(out.tolist(), length.tolist(), finish):
         text = tok.decode(ids[:n], skip_special_tokens=True)
         for s in stop:
             text = text.split(s)[0]
-        results.append({"ids": ids[:n], "text": text})
+        results.append({"ids": ids[:n], "text": text, "finish": why})
     return results
 
 
@@ -510,21 +566,30 @@ def sample_problems(model, tok, problems: list[dict], prompt_ids: dict, n: int, 
                     batch_size: int, **gen):
     """n samples of every problem, the (problem, k) rows of several problems packed into each
     generate call of batch_size rows. Sample k of problem q draws with seed_for(seed, q, k), so it
-    does not depend on the batch, the ranks or a resume. Yields (problem, its n texts, rows done,
-    tokens generated so far) as soon as a problem's last sample is back, for its record to be
-    appended at once. `gen`: temperature, top_p, max_new_tokens, stop (see generate)."""
+    does not depend on the batch, the ranks or a resume. Yields (problem, its n generate outputs,
+    rows done, tokens generated so far) as soon as a problem's last sample is back, for its record
+    to be appended at once. `gen`: temperature, top_p, max_new_tokens, stop (see generate)."""
     rows = [(p, k) for p in problems for k in range(n)]
-    texts, tokens = {p["id"]: [] for p in problems}, 0
+    outs_of, tokens = {p["id"]: [] for p in problems}, 0
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         outs = generate(model, tok, [prompt_ids[p["id"]] for p, _ in chunk],
                         seeds=[seed_for(seed, p["id"], k) for p, k in chunk], **gen)
         for (p, _), o in zip(chunk, outs):
-            texts[p["id"]].append(o["text"])
+            outs_of[p["id"]].append(o)
             tokens += len(o["ids"])
         for p, k in chunk:
             if k == n - 1:
-                yield p, texts.pop(p["id"]), b + len(chunk), tokens
+                yield p, outs_of.pop(p["id"]), b + len(chunk), tokens
+
+
+def response_eos(tok, out: dict) -> int | None:
+    """The EOS a full solution made of this generate output ends with: the end id the model wrote
+    (finish "eos"), the tokenizer's eos where a stop string ended it (the model was starting the
+    next question: the answer is whole), none where max_new_tokens cut it (it is not whole)."""
+    return {"eos": out["ids"][-1] if out["ids"] else None, "stop": tok.eos_token_id,
+            "length": None}[out["finish"]]
+
 
 # --------------------------------------------------------------------------------------------------
 # Models: Hugging Face format, safetensors only

@@ -2,9 +2,10 @@
 
   load_problems   gsm8k / math500 from the hub, or a local GSM8K- or MATH-format JSONL file,
                   as [{id, question, answer, ...extra fields}] with `answer` always a str
-  format_prompt   plain template (base models) or the model's chat template; cut_at_stop
+  format_prompt   plain / fewshot template (base models) or the model's chat template; cut_at_stop
   split_steps     a response as steps that join back to exactly the same text
   extract_answer  last \\boxed{}, else "The answer is ...", else "#### ...", else the last number
+  grade           (pred, correct) of one sample; an answer cut by the token limit is never right
   is_equiv        plain numbers exactly in-process; the rest through math-verify in a worker
                   subprocess with a hard time limit (model text is parsed, never executed)
 """
@@ -120,25 +121,31 @@ FEWSHOT_EXAMPLES = [
 ]
 FEWSHOT_BLOCK = "".join(PLAIN_TEMPLATE.format(question=q) + " " + a + "\n\n"
                         for q, a in FEWSHOT_EXAMPLES)
+# Instruct models that box their answers (Qwen2-Math, DeepSeek-Math-Instruct) are prompted with
+# this line after the question ('chat-boxed'); small chat models answer the question alone better
+# ('chat': SmolLM2-135M-Instruct was right on 8 of 16 simple word problems without it, 1 with it).
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = ("plain", "fewshot", "chat", "chat-boxed")
 # A base model under the plain template goes on to invent the next question: cut it there.
 STOP_STRINGS = ["\n\nQuestion:", "\n\nProblem:"]
 
 
 def format_prompt(question: str, template: str = "plain", tokenizer=None) -> str:
     """'plain' for the toy model and SFT'd models (the response starts with a space), 'fewshot'
-    for base models (4 worked examples, then the plain prompt), 'chat' for instruct models."""
+    for base models (4 worked examples, then the plain prompt), 'chat' for instruct models (the
+    question is the user message, rendered by the tokenizer's chat template), 'chat-boxed' the
+    same with CHAT_SUFFIX after the question."""
     if template == "plain":
         return PLAIN_TEMPLATE.format(question=question)
     if template == "fewshot":
         return FEWSHOT_BLOCK + PLAIN_TEMPLATE.format(question=question)
-    if template == "chat":
+    if template in ("chat", "chat-boxed"):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            fail("--template chat needs a tokenizer with a chat template; use --template plain")
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question + CHAT_SUFFIX}],
-            tokenize=False, add_generation_prompt=True)
-    fail(f"unknown prompt template '{template}'; use plain, fewshot or chat")
+            fail(f"--template {template} needs a tokenizer with a chat template; use plain")
+        content = question + (CHAT_SUFFIX if template == "chat-boxed" else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             tokenize=False, add_generation_prompt=True)
+    fail(f"unknown prompt template '{template}'; use {', '.join(TEMPLATES)}")
 
 
 def cut_at_stop(text: str, stops: list[str] = STOP_STRINGS) -> str:
@@ -213,10 +220,14 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")  # a full stop, not a decimal point (18.50)
+
+
 def _clean(span: str) -> str | None:
-    """An answer written in running text: its first line (after a ':' and line breaks), without
-    '.' or '$' around it."""
-    span = span.lstrip(": \t\n").split("\n", 1)[0].strip().rstrip(".").strip()
+    """An answer written in running text: its first sentence (after a ':' and line breaks: "The
+    answer is 18. She sells..." -> "18"), without '.' or '$' around it."""
+    span = span.lstrip(": \t\n").split("\n", 1)[0]
+    span = SENTENCE_END_RE.split(span, 1)[0].strip()
     return span.strip("$* ") or None  # also markdown bold: "The answer is **18**."
 
 
@@ -233,6 +244,13 @@ def extract_answer(text: str) -> str | None:
             return span
     numbers = NUMBER_TEXT_RE.findall(text)
     return numbers[-1].replace(",", "") if numbers else None
+
+
+def grade(text: str, gold: str, truncated: bool = False) -> tuple[str | None, bool]:
+    """(pred, correct) of one response. An answer cut by the token limit is never right: its
+    'last number' may be a partial result that happens to equal the gold one."""
+    pred = extract_answer(text)
+    return pred, not truncated and is_equiv(pred, gold)
 
 
 # Equivalence --------------------------------------------------------------------------------------

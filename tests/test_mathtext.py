@@ -150,9 +150,10 @@ def test_prompts_and_stop_strings(capsys):
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             assert tokenize is False and add_generation_prompt is True
             return "<user>" + messages[0]["content"] + "<assistant>"
-    chat = format_prompt("What is 2+2?", "chat", ChatTok())
-    assert chat == ("<user>What is 2+2?\nPlease reason step by step, and put your final answer "
-                    "within \\boxed{}.<assistant>")
+    assert format_prompt("What is 2+2?", "chat", ChatTok()) == "<user>What is 2+2?<assistant>"
+    boxed = format_prompt("What is 2+2?", "chat-boxed", ChatTok())
+    assert boxed == ("<user>What is 2+2?\nPlease reason step by step, and put your final answer "
+                     "within \\boxed{}.<assistant>")
     assert "chat template" in stops_with(capsys, format_prompt, "q", "chat", None)
     few = format_prompt("What is 2+2?", "fewshot")
     assert few.endswith("\n\nQuestion: What is 2+2?\nAnswer:") and few.count("Question:") == 5
@@ -214,6 +215,9 @@ def test_split_steps_joins_back_exactly_on_random_text():
     ("The point is (3,4)", "4"),
     ("costs -7 now", "-7"),
     ("The answer is 4.\n\nQuestion: what is 9?", "4"),
+    ("The answer is 18. She sells the rest for 2 dollars.", "18"),  # first sentence only
+    ("The answer is $18.50. That is all.", "18.50"),  # a decimal point is no full stop
+    ("The answer is 3.5.", "3.5"),
     ("no digits at all", None),
     ("", None),
     (None, None),

@@ -297,7 +297,8 @@ def samples_of(groups):
 def select(groups, **kw):
     pos, neg, pair = sft.select_examples(samples_of(groups), random.Random(0), **kw)
     answer = lambda t: t.split("#")[0]  # noqa: E731
-    return [answer(t) for t in pos], [answer(t) for t in neg], pair and tuple(map(answer, pair))
+    return ([answer(s["text"]) for s in pos], [answer(s["text"]) for s in neg],
+            pair and tuple(answer(s["text"]) for s in pair))
 
 
 def test_selection_budget_half_of_wrong_samples():
@@ -326,9 +327,20 @@ def test_selection_skips_empty_answers_and_missing_sides():
     assert select([("", False, 4)]) == ([], [], None)
 
 
+def test_selection_never_takes_an_answer_cut_by_the_token_limit():
+    # "9" would be the largest correct group and "A" the largest wrong one, were they not cut
+    samples = samples_of([("9", True, 3), ("8", True, 1), ("A", False, 3), ("B", False, 2)])
+    for s in samples:
+        s["truncated"] = s["pred"] in ("9", "A")
+    pos, neg, pair = sft.select_examples(samples, random.Random(0))
+    assert [s["pred"] for s in pos] == ["8"] and [s["pred"] for s in neg] == ["B"]
+    assert [s["pred"] for s in pair] == ["8", "B"]
+
+
 def test_selection_is_seeded_and_ties_break_reproducibly():
     groups = [(x, False, 2) for x in "PQRS"] + [(y, True, 3) for y in "12"]
-    picks = {sft.select_examples(samples_of(groups), random.Random(s))[2] for s in range(40)}
+    picks = {tuple(x["text"] for x in sft.select_examples(samples_of(groups), random.Random(s))[2])
+             for s in range(40)}
     assert len(picks) > 2  # ties (2 correct and 4 wrong groups of equal size) broken at random
     a = sft.select_examples(samples_of(groups), random.Random(7))
     assert a == sft.select_examples(samples_of(groups), random.Random(7))
