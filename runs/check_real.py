@@ -130,8 +130,8 @@ def main():
     run, model = Path(args.run_dir), Path(args.model)
     checks = [lambda: check_01(run), lambda: check_02(run), lambda: check_03(run),
               lambda: check_04(run, model), lambda: check_train(run, "05_train_cdpo"),
-              lambda: check_train(run, "05_train_dpo"), lambda: check_train(run, "06_train_stepdpo"),
-              lambda: check_07(run)]
+              lambda: check_train(run, "05_train_dpo"),
+              lambda: check_train(run, "06_train_stepdpo"), lambda: check_07(run)]
     for c in checks:
         try:
             print("ok  " + c(), flush=True)

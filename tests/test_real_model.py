@@ -6,7 +6,7 @@ generate picks.
            returns, row by row, the ids model.generate(do_sample=False) returns, up to and
            including the first end id (every eos id of the generation config, as HF stops)
   tokens   the saved tokenizer encodes like an independent byte-level BPE over the GGUF's own
-           vocabulary and merges (digits split one by one, as the hub tokenizer does), and never
+           vocabulary and merges (digits split one by one, llama.cpp's `smollm` rule), and never
            adds <|im_start|> (its bos_token) itself
 """
 import importlib.util
@@ -21,7 +21,8 @@ GSM8K_64 = ROOT / "data" / "gsm8k_test_64.jsonl"
 
 
 def build_module():
-    spec = importlib.util.spec_from_file_location("build_smollm2", ROOT / "runs" / "build_smollm2.py")
+    path = ROOT / "runs" / "build_smollm2.py"
+    spec = importlib.util.spec_from_file_location("build_smollm2", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
