@@ -157,8 +157,9 @@ def locate_first_wrong(n: int, success_rate, threshold: float = 0.0, scan: str =
 
 def distinct_first_steps(rejected: str, continuations: list[str]) -> list[str]:
     """Rectification: the first step of each successful continuation, in order, each step once
-    (whitespace-insensitive) and never the wrong step itself."""
-    chosen, seen = [], {rejected.strip()}
+    (whitespace-insensitive) and never the wrong step itself. A blank first step (the model
+    starting with an empty line after a prefix that ends in a newline) is no step: skipped."""
+    chosen, seen = [], {rejected.strip(), ""}
     for text in continuations:
         steps = split_steps(text)
         if steps and steps[0].strip() not in seen:

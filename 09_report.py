@@ -70,6 +70,8 @@ def table(dirs: list[Path]) -> list[str]:
         res = [json.loads(p.read_text()) for p in res if p.exists()]
         if not res:
             continue
+        if label == "base" and "00_toy" not in str(res[0]["config"].get("model", "00_toy")):
+            name = f"base ({res[0]['config']['model']})"
         lo, hi = res[0]["ci95"]
         costs = [training_cost(d / train_dir / metrics) for d in dirs] if train_dir else []
         costs = [c for c in costs if c]
@@ -183,8 +185,13 @@ def main(args):
     dirs = [d for d in run_dirs(run_dir, args.seeds) if d.exists()]
     if not (run_dir / "07_eval").exists():
         fail(f"{run_dir}/07_eval: no evaluations yet; run 07_eval.py first")
-    lines = ["# Results: toy world", "",
-             f"Greedy accuracy on the toy test split; {len(dirs)} seed(s): "
+    # what the base row was evaluated on names the run: the toy world, or a real model's run
+    base = run_dir / "07_eval" / "base" / "results.json"
+    cfg = json.loads(base.read_text())["config"] if base.exists() else {}
+    toy = "00_toy" in str(cfg.get("model", "00_toy"))
+    data = "the toy test split" if toy else Path(cfg.get("data", "?")).name
+    lines = [f"# Results: {'toy world' if toy else run_dir.name}", "",
+             f"Greedy accuracy on {data}; {len(dirs)} seed(s): "
              f"{', '.join(str(d) for d in dirs)}.",
              "Training cost = optimizer steps and seconds of the training stage (mean over seeds).",
              ""] + table(dirs)

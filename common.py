@@ -223,7 +223,9 @@ class ResumableJsonl:
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} records missing after merge")
         records = [self.done[i] for i in ids]
-        write_jsonl(self.path, records)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if not (self.path.is_file() and self.path.read_text(encoding="utf-8") == text):
+            write_text(self.path, text)  # unchanged: keep its mtime, later stages' stamps hold
         for part in self.path.parent.glob(f"{self.path.name}.part*"):
             part.unlink()
         return records

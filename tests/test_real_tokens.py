@@ -241,3 +241,17 @@ def test_ce_weights_belong_to_their_ids(model_dirs, family, tmp_path):
                 probs = torch.softmax(z[P - 1:P - 1 + len(resp)], -1)  # row j predicts resp[j]
                 want = probs[torch.arange(len(resp)), resp].tolist()
                 assert len(p) == len(resp) and p == pytest.approx(want, abs=2e-5)
+
+
+def test_a_finished_stage_run_again_keeps_its_output_untouched(tmp_path):
+    """01 run again on a finished run has nothing to do; its merge must not rewrite samples.jsonl,
+    or 02's resume stamp (size + mtime of its input) would see "data changed" (found by make real)."""
+    from common import ResumableJsonl
+    store = ResumableJsonl(tmp_path / "out.jsonl")
+    store.append({"id": "a", "x": 1})
+    store.merge(["a"])
+    before = (tmp_path / "out.jsonl").stat().st_mtime_ns
+    again = ResumableJsonl(tmp_path / "out.jsonl")
+    assert set(again.done) == {"a"}
+    again.merge(["a"])
+    assert (tmp_path / "out.jsonl").stat().st_mtime_ns == before
