@@ -20,9 +20,10 @@ located the exact step in 70% of 605 samples; at most 1 success in 8 at temperat
 
 A rollout cut by --max-new-tokens never counts as a success (its last number may be a partial
 result), and samples that were themselves cut in 01 are not localized (counted in the summary as
-truncated_samples_skipped): they are unfinished, not wrong, so rate(n) = 0 would not hold. The context of p_j is the prompt ids and
-the ids of s_1..s_j cut from the tokenization of the whole sample (common.encode_steps), so the
-rollouts continue from the very tokens the model wrote, not from a re-tokenized seam.
+truncated_samples_skipped): they are unfinished, not wrong, so rate(n) = 0 would not hold. The
+context of p_j is the prompt ids and the ids of s_1..s_j cut from the tokenization of the whole
+sample (common.encode_steps), so the rollouts continue from the very tokens the model wrote, not
+from a re-tokenized seam.
 
 Rectification: the first step of each distinct successful continuation of p_{k-1} is a `chosen`,
 s_k is `rejected` (context = prompt + s_1..s_{k-1}); more continuations are sampled, up to
@@ -280,7 +281,7 @@ def main(args):
         s.update(steps=steps, prefixes=prefixes, ctx=ctx, record={"id": s["key"]})
         # a continuation (a generate output) succeeds when p_j + it grades right, uncut
         reaches = lambda j, c: grade(prefixes[j] + c["text"], gold,  # noqa: E731
-                                     c.get("finish") == "length")[1]
+                                     c["finish"] == "length")[1]
         k = None
         if s["key"] in verdicts:
             try:
@@ -335,7 +336,7 @@ def main(args):
                 temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
         n_rollouts += len(rows)
-        n_cut += sum(o.get("finish") == "length" for o in outs)
+        n_cut += sum(o["finish"] == "length" for o in outs)
         by_key = {}
         for (key, _, _), o in zip(rows, outs):
             by_key.setdefault(key, []).append(o)

@@ -151,8 +151,12 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def jsonl_text(records) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_jsonl(path, records):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text(path, jsonl_text(records))
 
 
 class ResumableJsonl:
@@ -223,7 +227,7 @@ class ResumableJsonl:
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} records missing after merge")
         records = [self.done[i] for i in ids]
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        text = jsonl_text(records)
         if not (self.path.is_file() and self.path.read_text(encoding="utf-8") == text):
             write_text(self.path, text)  # unchanged: keep its mtime, later stages' stamps hold
         for part in self.path.parent.glob(f"{self.path.name}.part*"):

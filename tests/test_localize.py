@@ -295,7 +295,8 @@ def solver_generate(records):
             rec, done = by_prompt[prompt], STEP.findall(text[len(prompt):])
             start = int(done[-1][4]) if done else None
             worked = {"answer": rec["solution"] + "\n#### ?"}  # the gold steps, as in 00_toy
-            out.append({"ids": [], "text": toy_solution(worked, start, first=len(done) + 1)})
+            out.append({"ids": [], "text": toy_solution(worked, start, first=len(done) + 1),
+                        "finish": "eos"})
         return out
     return generate
 
