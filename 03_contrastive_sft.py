@@ -58,7 +58,7 @@ from common import (add_training_args, all_reduce_sum, clip_grad_norm, dist_init
                     encode_prompt, encode_response, fail, global_batch, load_checkpoint,
                     load_tokenizer, lr_at, MetricsLog, pad_right, print0, read_jsonl,
                     save_checkpoint, save_model, seed_for, token_logps, training_policy,
-                    write_json, write_jsonl)
+                    warmup_steps, write_json, write_jsonl)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +132,7 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
     mbs = args.micro_batch_size
     model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.1)
     total = args.max_steps or args.epochs * (len(examples) // B)
-    warmup = round(args.warmup_ratio * total)
+    warmup = warmup_steps(args, total)
     ckpt = out / f"checkpoints_{name}"
     step = load_checkpoint(ckpt, model, opt, args.resume)  # fresh run: starts clean
     log = MetricsLog(out / f"metrics_{name}.jsonl", resume_step=step)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from common import (add_training_args, all_reduce_sum, clip_grad_norm, collate_pairs, dist_init,
                     dist_teardown, fail, get_world, global_batch, load_checkpoint, load_tokenizer,
                     lr_at, MetricsLog, print0, read_jsonl, reference_logps, save_checkpoint,
-                    save_model, token_logps, training_policy)
+                    save_model, token_logps, training_policy, warmup_steps)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +147,7 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
     print0(f"reference log-probs of {len(pairs)} pairs in {time.time() - t0:.1f}s")
 
     total = args.max_steps or args.epochs * (len(pairs) // B)
-    warmup = round(args.warmup_ratio * total)
+    warmup = warmup_steps(args, total)
     ckpt = out / "checkpoints"
     step = load_checkpoint(ckpt, model, opt, args.resume)  # fresh run: starts clean
     if step:

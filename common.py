@@ -795,6 +795,8 @@ def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_
                    help="records per forward on one rank; gradients accumulate (%(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=warmup_ratio,
                    help="share of the steps with linear warmup (%(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="warmup steps; > 0 overrides --warmup-ratio (the cDPO SFT release: 100)")
     g.add_argument("--schedule", default=schedule, choices=["cosine", "linear", "constant"],
                    help="decay after warmup (%(default)s)")
     g.add_argument("--weight-decay", type=float, default=weight_decay,
@@ -819,6 +821,11 @@ def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_
     g.add_argument("--stop-after", type=int, default=0,
                    help="checkpoint and exit after this many steps (a job's time slot: run again "
                         "with --resume; the result equals one uninterrupted run)")
+
+
+def warmup_steps(args, total: int) -> int:
+    """--warmup-steps when given, else --warmup-ratio of the total steps."""
+    return args.warmup_steps or round(args.warmup_ratio * total)
 
 
 def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
