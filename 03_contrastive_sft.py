@@ -33,15 +33,18 @@ Writes  <run-dir>/03_contrastive_sft/
 
 Toy world (2 CPU cores, ~40 s for both models on 800 problems x 8 samples):
     python 03_contrastive_sft.py --run-dir runs/toy
-Many GPUs (the released 8B recipe: LoRA r 8, lr 3e-4 cosine, 1 epoch, batch 6):
-    torchrun --nproc_per_node 8 03_contrastive_sft.py --run-dir runs/llama3-8b-gsm8k \\
-        --model meta-llama/Meta-Llama-3-8B --lora-r 8 --lr 3e-4 --epochs 1 --batch-size 8 \\
-        --micro-batch-size 1 --max-length 1024 --bf16 --activation-checkpointing
+Many GPUs (the released recipe, runs/multigpu.sh; 6 processes, as the global batch 6 must divide
+by the ranks):
+    torchrun --nproc_per_node 6 03_contrastive_sft.py --run-dir runs/llama3-8b \\
+        --model meta-llama/Meta-Llama-3-8B --lora-r 8 --lr 3e-4 --schedule cosine \\
+        --warmup-steps 100 --epochs 1 --batch-size 6 --micro-batch-size 1 --max-length 1024 \\
+        --save-every 200 --bf16 --activation-checkpointing
 Released settings (PAPERS.md A4): LoRA r 8 / alpha 16 / dropout 0.1 on gate, up, down_proj; lr 3e-4,
-cosine, 100 warmup steps; 1 epoch; batch 6 (70B: 2 x accumulation 3); max length 1024; bf16; the
-last 300 examples held out for validation (not done here). Toy defaults below: full tuning,
-lr 2e-4, 3 epochs, batch 16, cosine, warmup 0.1 (the positive model's accuracy is the SFT row of
-README, Results).
+cosine, 100 warmup steps; 1 epoch; global batch 6 (70B: 2 x accumulation 3); max length 1024; bf16;
+saved every 200 steps, the best checkpoint by the loss on the last 300 examples, held out (not
+done here: the last model is kept); no few-shot block in the SFT text (A1; here the prompt 01
+sampled with, PAPERS.md E). Toy defaults below: full tuning, lr 2e-4, 3 epochs, batch 16,
+cosine, warmup 0.1 (the positive model's accuracy is the SFT row of README, Results).
 """
 import argparse
 import json
@@ -56,9 +59,10 @@ import torch
 
 from common import (add_training_args, all_reduce_sum, clip_grad_norm, dist_init, dist_teardown,
                     encode_prompt, encode_response, fail, global_batch, load_checkpoint,
-                    load_tokenizer, lr_at, MetricsLog, pad_right, print0, read_jsonl,
-                    save_checkpoint, save_model, seed_for, token_logps, training_policy,
-                    warmup_steps, write_json, write_jsonl)
+                    load_tokenizer, lr_at, MetricsLog, pad_right, peak_memory_all_ranks,
+                    peak_memory_gb, print0, read_jsonl, save_checkpoint, save_model, seed_for,
+                    sync_gradients, token_logps, training_policy, warmup_steps, write_json,
+                    write_jsonl)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +145,7 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
     start, loss = time.time(), float("nan")
     while step < total:
         t0 = time.time()
+        peak_memory_gb(device)  # reset: each step logs its own peak
         lr = lr_at(step, total, args.lr, warmup, args.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -149,8 +154,7 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
         n_tok = sum(len(examples[i]["response_ids"]) for i in batch)  # whole global batch
         stats = torch.zeros(2, dtype=torch.float64, device=device)  # summed NLL, tokens seen
         for s in range(0, len(mine), mbs):
-            if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
-                model.set_requires_gradient_sync(s + mbs >= len(mine))
+            sync_gradients(model, last_micro_batch=s + mbs >= len(mine))
             b = {k: v.to(device) for k, v in
                  collate_sft([examples[i] for i in mine[s:s + mbs]], tok.pad_token_id).items()}
             with amp:
@@ -171,17 +175,19 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
         opt.zero_grad(set_to_none=True)
         dt = time.time() - t0
         log.log({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                 "tokens_per_s": tokens / dt, "dt": dt})
+                 "tokens_per_s": tokens / dt, "dt": dt,
+                 "peak_mem_gb": peak_memory_all_ranks(device)})
         step += 1
         if step < total and (args.save_every and step % args.save_every == 0
                              or step == args.stop_after):
-            save_checkpoint(ckpt, model, opt, step)
+            save_checkpoint(ckpt, model, opt, step, args.keep_checkpoints)
         if step == args.stop_after and step < total:
             print0(f"stopped the {name} model after step {step} (--stop-after); "
                    "continue with --resume")
             return None
 
-    save_model(model, tok, out / name, extra={**config, "trained": name})
+    save_model(model, tok, out / name, extra={**config, "trained": name},
+               dtype=torch.bfloat16 if args.bf16 else torch.float32)
     del model, opt
     return {"examples": len(examples), "steps": total, "final_loss": loss,
             "seconds": round(time.time() - start, 1)}

@@ -69,15 +69,16 @@ parser.add_argument("--tp", action="store_true", help="under torchrun: shard the
 
 
 @torch.no_grad()
-def ce_token_probs(z_pos, z_neg, input_ids, beta: float, chunk_elems: int = 1 << 22):
+def ce_token_probs(z_pos, z_neg, input_ids, beta: float, chunk_bytes: int = 1 << 30):
     """p[b, t] = softmax((1+beta) z_pos[b, t] - beta z_neg[b, t])[input_ids[b, t+1]], float32.
 
     z_pos, z_neg: (B, T, V) logits of the two models on the same input_ids (B, T); returns
     (B, T-1): column t scores token t+1, the same shift as common.token_logps. A few positions
-    at a time, so the only float32 (B, c, V) buffers are per chunk, never a third (B, T, V)."""
+    at a time, so the only float32 (B, c, V) buffers are per chunk (at most chunk_bytes), never a
+    third (B, T, V)."""
     B, T, V = z_pos.shape
     out = torch.empty(B, T - 1, dtype=torch.float32, device=z_pos.device)
-    chunk = max(1, chunk_elems // (B * V))  # positions per chunk
+    chunk = max(1, chunk_bytes // (4 * B * V))  # positions per chunk
     for s in range(0, T - 1, chunk):
         e = min(s + chunk, T - 1)
         # (B, c, V) float32; the product is a new tensor (.float() of float32 logits is no copy)

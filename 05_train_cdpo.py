@@ -1,6 +1,6 @@
 """cDPO: token-weighted DPO on scored pairs (PAPERS.md A3), and plain DPO, the baseline (--uniform).
 
-The loss (sequence level, the paper's form; `cdpo_loss`):
+The loss (`cdpo_loss`; sequence level, the paper-style form, not verified first-hand: PAPERS.md A3):
 
     L = -log sigmoid( beta * [ sum_t w^c_t D^c_t  -  sum_t w^r_t D^r_t ] ),
     D_t = log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)    (response tokens, EOS included)
@@ -33,11 +33,12 @@ Many GPUs (FSDP2; the batch is global, each rank takes its share):
 Released settings (PAPERS.md A4; Llama-3-8B, Llama-3-70B and deepseek-math-7b alike): LoRA r 16,
 alpha 32, dropout 0 on q,k,v,o,gate,up,down_proj; AdamW lr 4e-5, linear decay, warmup ratio 0.1,
 weight decay 0.01; 3 epochs; global batch 8 (2 x accumulation 4); beta 0.1; pairs kept only when
-the prompt is < 512 and prompt + response < 1024 tokens; shuffle seed 33. 70B on 8 x 80 GB: LoRA
-as above, or full tuning with --cpu-offload (README's memory table). Toy defaults below: full
-tuning, lr 3e-5 (near the released 4e-5), 3 epochs, batch 16, warmup 0.1, linear decay,
-beta 0.1; DPO and cDPO share them, as in the paper. How both fare at other lr and beta:
-runs/toy_sweep.sh and README, Results.
+the prompt is < 512 and prompt + response < 1024 tokens; shuffle seed 33; no bf16 flag (D8); the
+per-position loss (--form position; the default here is the sequence form: PAPERS.md E). 70B on
+8 x 80 GB: LoRA as above, or full tuning with --cpu-offload (README's memory table). Toy defaults
+below: full tuning, lr 3e-5 (near the released 4e-5), 3 epochs, batch 16, warmup 0.1, linear
+decay, beta 0.1; DPO and cDPO share them (the notes do not record the settings of the paper's DPO
+baseline). How both fare at other lr and beta: runs/toy_sweep.sh and README, Results.
 """
 import argparse
 import json
@@ -51,8 +52,9 @@ import torch.nn.functional as F
 
 from common import (add_training_args, all_reduce_sum, clip_grad_norm, collate_pairs, dist_init,
                     dist_teardown, fail, get_world, global_batch, load_checkpoint, load_tokenizer,
-                    lr_at, MetricsLog, print0, read_jsonl, reference_logps, save_checkpoint,
-                    save_model, token_logps, training_policy, warmup_steps)
+                    lr_at, MetricsLog, peak_memory_all_ranks, peak_memory_gb, print0, read_jsonl,
+                    reference_logps, save_checkpoint, save_model, sync_gradients, token_logps,
+                    training_policy, warmup_steps)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +72,8 @@ g = parser.add_argument_group("loss")
 g.add_argument("--beta", type=float, default=0.1,
                help="DPO temperature (%(default)s, the released value)")
 g.add_argument("--form", default="sequence", choices=["sequence", "position"],
-               help="sequence: the paper's loss (default); position: the released code's")
+               help="sequence: the paper-style loss (default; not verified first-hand, "
+                    "PAPERS.md A3); position: the released code's")
 g.add_argument("--uniform", action="store_true", help="all weights 1: plain DPO, the baseline")
 g.add_argument("--weight-chosen", action="store_true",
                help="weight the chosen side by chosen_weights too (released default: off)")
@@ -158,6 +161,7 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
     model.train()
     while step < total:
         t0 = time.time()
+        peak_memory_gb(device)  # reset: each step logs its own peak
         lr = lr_at(step, total, args.lr, warmup, args.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -165,8 +169,7 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
         stats = torch.zeros(5, dtype=torch.float64, device=device)  # summed over pairs:
         # loss, correct (r_chosen > r_rejected), r_chosen, r_rejected; and tokens
         for s in range(0, len(mine), mbs):
-            if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
-                model.set_requires_gradient_sync(s + mbs >= len(mine))
+            sync_gradients(model, last_micro_batch=s + mbs >= len(mine))
             b = {k: v.to(device) for k, v in
                  collate_pairs([pairs[i] for i in mine[s:s + mbs]], tok.pad_token_id).items()}
             with amp:
@@ -195,17 +198,19 @@ def train_preference(args, model_path, pairs: list[dict], tok, out: Path, config
         dt = time.time() - t0
         log.log({"step": step, "loss": loss, "reward_acc": acc, "chosen_reward": r_c,
                  "rejected_reward": r_r, "margin": r_c - r_r, "grad_norm": grad_norm, "lr": lr,
-                 "tokens_per_s": tokens / dt, "dt": dt})
+                 "tokens_per_s": tokens / dt, "dt": dt,
+                 "peak_mem_gb": peak_memory_all_ranks(device)})
         step += 1
         if step < total and (args.save_every and step % args.save_every == 0
                              or step == args.stop_after):
-            save_checkpoint(ckpt, model, opt, step)
+            save_checkpoint(ckpt, model, opt, step, args.keep_checkpoints)
         if step == args.stop_after and step < total:
             print0(f"stopped after step {step} (--stop-after); continue with --resume")
             return
 
     # write: an ordinary HF model (LoRA merged), the resolved config beside it
-    save_model(model, tok, out / "model", extra=config)
+    save_model(model, tok, out / "model", extra=config,
+               dtype=torch.bfloat16 if args.bf16 else torch.float32)
     print0(f"saved {out / 'model'} after {total} steps")
 
 

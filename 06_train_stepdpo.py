@@ -29,9 +29,10 @@ Many GPUs (the published 7B recipe):
 Published settings (PAPERS.md B3): full fine-tuning; AdamW lr 5e-7, cosine, warmup ratio 0.1;
 global batch 128 (7B: 8 GPUs x 4 x accumulation 4; 72B: 8 x 2 x 8); 7B 8 epochs, beta 0.5 (the
 released script; the paper's text says 0.4); 72B 4 epochs, beta 0.4 (paper: 0.5), with ZeRO-3
-CPU offload (here: --cpu-offload); bf16, gradient checkpointing, max length 1024, seed 42. The
-released code keeps the last 512 prompt tokens of over-long pairs; here they are dropped and
-counted. Toy defaults below: beta 0.5, lr 1e-5, 3 epochs, batch 16, cosine, warmup 0.1. The
+CPU offload (here: --cpu-offload); bf16, gradient checkpointing, max length 1024, seed 42; the
+initial model is an SFT model (runs/multigpu.sh starts from the base model, as 05 does: PAPERS.md
+E). The released code keeps the last 512 prompt tokens of over-long pairs; here they are dropped
+and counted. Toy defaults below: beta 0.5, lr 1e-5, 3 epochs, batch 16, cosine, warmup 0.1. The
 learning rate is the middle of the plateau runs/toy_sweep.sh finds on the toy dev split (3e-6 to
 3e-5 agree within noise; 1e-4, the earlier default, loses 10-20 points: README, Results). As in
 the published recipes it sits below cDPO's (Step-DPO 5e-7 full tuning, cDPO 4e-5 LoRA).

@@ -43,7 +43,7 @@ def test_small_chunks_and_gradients_match_naive():
     model = tiny_llama(vocab=97, seed=1)
     ids, mask = batch(SEQS, left=False)
     w = torch.randn(3, ids.shape[1] - 1)  # an arbitrary weighted reduction, like cDPO's
-    (token_logps(model, ids, mask, chunk_elems=97) * w).sum().backward()  # 1 position per chunk
+    (token_logps(model, ids, mask, chunk_bytes=4 * 97) * w).sum().backward()  # 1 position/chunk
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = 0

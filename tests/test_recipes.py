@@ -1,7 +1,10 @@
 """The shell recipes (runs/*.sh) call the stages with flags that exist: each recipe runs with a
 stand-in interpreter that only records its command lines, and every recorded line is then parsed
-by the real stage's argparse parser (an unknown or misspelt flag exits 2)."""
+by the real stage's argparse parser (an unknown or misspelt flag exits 2). The published recipes of
+runs/multigpu.sh carry the settings of the paper notes: the numbers are read out of PAPERS.md
+itself (A0-A4, B1-B3) and compared with what each recorded stage command parses to."""
 import os
+import re
 import shlex
 import subprocess
 
@@ -9,7 +12,11 @@ import pytest
 
 from conftest import ROOT, load_stage
 
-RECIPES = ["llama3-8b", "llama3-70b-lora", "llama3-70b-full", "deepseek-math-7b"]
+PUBLISHED = ["llama3-8b", "deepseek-math-7b", "llama3-70b"]  # the three cDPO models (A0)
+# our variants, and the settings in which they knowingly leave the published recipe
+OURS = {"llama3-8b-full": {"03_contrastive_sft.py": {"lora_r", "lr"},
+                           "05_train_cdpo.py": {"lora_r", "lr"}}}
+RECIPES = PUBLISHED + list(OURS)
 
 
 def recorded_commands(tmp_path, script, *args, env=None):
@@ -68,3 +75,192 @@ def test_every_stage_has_help_and_the_shared_flags(name):
     if name not in ("00_toy", "09_report"):
         assert {"--data", "--out", "--model"} & flags == {"--data", "--out", "--model"} or \
             name == "04_score_tokens" and {"--data", "--out", "--pos-model"} <= flags, flags
+
+
+# --------------------------------------------------------------------------------------------------
+# The published settings, read out of the paper notes
+
+PAPERS = (ROOT / "PAPERS.md").read_text()
+
+
+def section(label: str) -> str:
+    """The text of '### <label>.' up to the next heading."""
+    m = re.search(rf"^### {label}\.(.*?)(?=^#)", PAPERS, re.S | re.M)
+    assert m, f"PAPERS.md has no section {label}"
+    return m.group(1)
+
+
+def table(text: str) -> list[list[str]]:
+    """The rows (cells) of the first markdown table in `text`, separator row left out."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif rows:
+            break
+    return [r for r in rows if not all(re.fullmatch(r"-*", c) for c in r)]
+
+
+def row(rows: list[list[str]], label: str) -> list[str]:
+    """The cells after the label of the row whose label starts with `label`."""
+    found = [r[1:] for r in rows if r[0].startswith(label)]
+    assert len(found) == 1, f"{len(found)} rows '{label}' in {rows}"
+    return found[0]
+
+
+def grab(pattern: str, text: str, cast=float):
+    m = re.search(pattern, text)
+    assert m, f"'{pattern}' not found in: {text}"
+    return cast(m.group(1))
+
+
+def schedule(cell: str) -> str:
+    return grab(r"\b(cosine|linear|constant)\b", cell, str)
+
+
+def global_batch(cell: str, model: str) -> int:
+    """A4's '6/device, accum 1 (70B: 2 × accum 3)' -> 6; per device = global (A4: device_map)."""
+    assert '"per device" = global' in section("A4")
+    m = re.search(r"70B: (\d+) × accum (\d+)", cell) if "70B" in model else None
+    m = m or re.search(r"(\d+)/device\s*[,×]\s*accum (\d+)", cell)
+    assert m, cell
+    return int(m.group(1)) * int(m.group(2))
+
+
+def lora_targets(cell: str) -> set[str]:
+    """'gate_proj, up_proj' or the short 'q,k,v,o,gate,up,down_proj' -> module names."""
+    names = [n.strip() for n in cell.split(",")]
+    return {n if n.endswith("_proj") else n + "_proj" for n in names}
+
+
+def published(model: str) -> dict:
+    """{stage script: {argparse dest: value}} that PAPERS.md gives for this model."""
+    a0, a1, a2, a4 = section("A0"), section("A1"), section("A2"), section("A4")
+    b2, b3 = section("B2"), section("B3")
+    # A1: the GSM8K temperature of the model's column
+    temps = table(a1)
+    columns = [i for i, name in enumerate(temps[0]) if name and name.lower() in model.lower()]
+    assert len(columns) == 1, (model, temps[0])
+    temperature = float(row(temps, "GSM8K")[columns[0] - 1])
+    # A4: SFT and cDPO columns
+    hp = table(a4)
+    (r_sft, alpha_sft, drop_sft), (r_dpo, alpha_dpo, drop_dpo) = (
+        [float(x) for x in cell.split("/")] for cell in row(hp, "LoRA r"))
+    assert alpha_sft == 2 * r_sft and alpha_dpo == 2 * r_dpo  # common.training_policy: alpha 2r
+    lr_sft, lr_dpo = row(hp, "LR")
+    ep_sft, ep_dpo = row(hp, "Epochs")
+    bs_sft, bs_dpo = row(hp, "Batch")
+    len_sft, len_dpo = row(hp, "Max length")
+    other_sft, other_dpo = row(hp, "Other")
+    # B3: the 7B column, or the 72B one for models above 30B (B3: ">30B models use 4 epochs")
+    steps = table(b3)
+    col = 1 if grab(r"(\d+)[bB]\b", model, int) > 30 else 0
+    n_gpus, per_gpu, accum, total = map(int, re.findall(r"\d+", row(steps, "Global batch")[col]))
+    assert n_gpus * per_gpu * accum == total
+    common = b3[b3.index("Common"):]
+    return {
+        "01_sample.py": {
+            "data": "gsm8k", "split": "train",
+            "template": "fewshot" if "(few-shot prompt)" in a0 else None,
+            "n": grab(r"`n=(\d+)`", a1, int), "top_p": grab(r"`top_p=([\d.]+)`", a1),
+            "max_new_tokens": grab(r"`max_tokens=(\d+)`", a1, int), "temperature": temperature},
+        "02_localize.py": {
+            "temperature": grab(r"Released script: temperature ([\d.]+)", b2),
+            "top_p": grab(r"Released script: temperature [\d.]+, top_p ([\d.]+)", b2),
+            "per_problem": grab(r"Caps: ≤(\d+) wrong answers per question", b2, int)},
+        "03_contrastive_sft.py": {
+            "lora_r": int(r_sft), "lr": grab(r"^([\d.e-]+)", lr_sft), "schedule": schedule(lr_sft),
+            "warmup_steps": grab(r"(\d+) warmup steps", lr_sft, int), "epochs": int(ep_sft),
+            "batch_size": global_batch(bs_sft, model), "max_length": grab(r"^(\d+)", len_sft, int),
+            "bf16": "bf16" in other_sft,
+            "save_every": grab(r"save every (\d+) steps", other_sft, int),
+            "_lora_dropout": drop_sft, "_lora_targets": lora_targets(row(hp, "LoRA targets")[0])},
+        "04_score_tokens.py": {
+            "ce_beta": grab(r"β hard-coded to (\d+)", a2), "bf16": "bf16" in a2},
+        "05_train_cdpo.py": {
+            "lora_r": int(r_dpo), "lr": grab(r"^([\d.e-]+)", lr_dpo), "schedule": schedule(lr_dpo),
+            "warmup_ratio": grab(r"warmup ratio ([\d.]+)", lr_dpo), "warmup_steps": 0,
+            "epochs": int(ep_dpo), "batch_size": global_batch(bs_dpo, model),
+            "max_length": grab(r"prompt\+response <(\d+)", len_dpo, int),
+            "weight_decay": grab(r"weight_decay ([\d.]+)", other_dpo),
+            "beta": grab(r"β ([\d.]+)", other_dpo),
+            "seed": grab(r"shuffle seed (\d+)", other_dpo, int),
+            "weight_chosen": "**Default `only_neg=True`**" not in section("A3"),
+            "_lora_dropout": drop_dpo, "_lora_targets": lora_targets(row(hp, "LoRA targets")[1])},
+        "06_train_stepdpo.py": {
+            "lora_r": 0 if "full fine-tuning" in section("B1") else None,
+            "epochs": int(row(steps, "Epochs")[col]),
+            "beta": float(row(steps, "β (scripts)")[col].strip("*")),
+            "batch_size": total, "micro_batch_size": per_gpu, "_nproc": n_gpus,
+            "lr": grab(r"LR ([\d.e-]+)", common), "schedule": schedule(common),
+            "warmup_ratio": grab(r"warmup ratio ([\d.]+)", common), "warmup_steps": 0,
+            "max_length": grab(r"max_length (\d+)", common, int),
+            "seed": grab(r"seed (\d+)", common, int), "bf16": "bf16" in common,
+            "activation_checkpointing": "gradient checkpointing" in common,
+            "cpu_offload": col == 1 and "CPU offload for 72B" in common},
+        "07_eval.py": {
+            "template": "fewshot" if "few-shot greedy decoding" in a0 else None,
+            "temperature": 0.0 if "greedy" in a0 else None},
+    }
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_multigpu_recipe_settings_are_the_papers(tmp_path, recipe):
+    """Every setting PAPERS.md gives for a stage is what the recipe's command for that stage
+    parses to (flags or defaults); an `OURS` variant may differ only where it says it does."""
+    calls = recorded_commands(tmp_path, "multigpu.sh", recipe, env={"RUN": str(tmp_path / "r")})
+    script_text = (ROOT / "runs" / "multigpu.sh").read_text()
+    if recipe in OURS:
+        assert re.search(rf"{recipe}\s+OURS", script_text), "label the variant OURS in its usage"
+    parsed = {}
+    for argv in calls:
+        nproc = int(next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1])
+        script, *args = argv[argv.index("--") + 1:]
+        stage = load_stage(script.removesuffix(".py"))
+        parsed.setdefault(script, []).append((vars(stage.parser.parse_args(args)), nproc, stage))
+    models = {ns["model"] for ns, _, _ in parsed["01_sample.py"]}
+    assert len(models) == 1
+    model = models.pop()
+    wrong = []
+    for script, expected in published(model).items():
+        assert script in parsed, f"{recipe} runs no {script}"
+        skip = OURS.get(recipe, {}).get(script, set())
+        for ns, nproc, stage in parsed[script]:
+            for key, want in expected.items():
+                if key in skip:
+                    if ns[key] == want:
+                        wrong.append(f"{script} {key}: {recipe} is said to differ, but does not")
+                    continue
+                if key == "_nproc":
+                    got = nproc
+                elif key == "_lora_targets":
+                    got = set(stage.LORA_TARGETS)
+                elif key == "_lora_dropout":
+                    found = re.findall(r"lora_dropout=([\d.]+)", (ROOT / script).read_text())
+                    got = float(found[0]) if len(found) == 1 else found
+                else:
+                    got = ns[key]
+                if want is None or got != want:
+                    wrong.append(f"{script} {key}: recipe {got!r}, PAPERS.md {want!r}")
+            if "batch_size" in ns and ns["batch_size"] % nproc:
+                wrong.append(f"{script}: global batch {ns['batch_size']} over {nproc} ranks")
+    assert not wrong, f"{recipe} ({model}):\n" + "\n".join(wrong)
+
+
+def test_every_papers_citation_names_a_section_of_the_notes():
+    """`PAPERS.md A4`, `(PAPERS.md B1, B3)`, `PAPERS.md A3 and D1`, ...: each label a file cites
+    is a heading of PAPERS.md (### A4. / ## E.) or an item of its list D (D1 = item 1)."""
+    labels = set(re.findall(r"^#{2,3} ([A-E]\d*)\.", PAPERS, re.M))
+    d = PAPERS[PAPERS.index("\n## D."):PAPERS.index("\n## E.")]
+    labels |= {f"D{n}" for n in re.findall(r"^(\d+)\. ", d, re.M)}
+    cited = {}
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("*.md"), *ROOT.glob("runs/*.sh"),
+                 *ROOT.glob("runs/*.py"), *ROOT.glob("tests/*.py")]:
+        if path.name == "PAPERS.md":
+            continue
+        for m in re.finditer(r"PAPERS\.md,? ([^);:\n]*)", path.read_text()):
+            for label in re.findall(r"\b[A-Z]\d*\b", m.group(1)):
+                cited.setdefault(label, set()).add(path.name)
+    assert cited, "no citations found: the pattern is broken"
+    missing = {label: files for label, files in cited.items() if label not in labels}
+    assert not missing, f"cited but not in PAPERS.md: {missing}"

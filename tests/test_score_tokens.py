@@ -46,8 +46,8 @@ def test_ce_probs_match_full_softmax(beta):
     x = torch.tensor([seq])
     zp, zn = pos(input_ids=x).logits, neg(input_ids=x).logits
     ref = naive_ce(pos, neg, seq, beta)
-    for chunk_elems in (64, 5 * 64, 1 << 22):  # one position per chunk, uneven chunks, one chunk
-        got = ce.ce_token_probs(zp, zn, x, beta, chunk_elems)[0]
+    for chunk_bytes in (4 * 64, 4 * 5 * 64, 1 << 30):  # 1 position per chunk, uneven, one chunk
+        got = ce.ce_token_probs(zp, zn, x, beta, chunk_bytes)[0]
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
     # the identity p_CE ∝ p_pos^(1+b) / p_neg^b (log_softmax only shifts each position)
