@@ -9,7 +9,8 @@ is_equiv(pred_k, a). A sample cut by --max-new-tokens is marked truncated and ne
 (its "last number" may be a partial result); later stages never train on it as a whole answer. Sample k of problem q is drawn with
 seed_for(--seed, q, k), so the same --seed gives the same samples whatever the batching, the number
 of ranks or the point a run was resumed from. Rows of several problems share one forward
-(--batch-size sequences) for throughput.
+(--batch-size sequences; auto: as many as the KV cache of the longest prompt + --max-new-tokens
+lets fit in the free device memory, common.auto_batch_size) for throughput.
 
 Reads  --data: <run-dir>/00_toy/train.jsonl by default (cDPO samples *training* questions), or
        gsm8k, math500, or any GSM8K / MATH-format JSONL (mathtext.load_problems)
@@ -30,7 +31,7 @@ them in problem order: the same file as one process writes.
   python 01_sample.py --run-dir runs/toy                                      # CPU, toy world
   torchrun --nproc_per_node=8 -- 01_sample.py --run-dir runs/l3-8b \\
       --model meta-llama/Meta-Llama-3-8B --data ../shared/data/gsm8k/train.jsonl \\
-      --n 64 --temperature 0.5 --top-p 0.95 --max-new-tokens 1024 --batch-size 256 --bf16
+      --n 64 --temperature 0.5 --top-p 0.95 --max-new-tokens 1024 --batch-size auto --bf16
 (the `--` keeps torchrun from reading --n as an abbreviation of its own --nnodes / --nproc-per-node)
 """
 import argparse
@@ -40,9 +41,10 @@ from pathlib import Path
 
 import torch
 
-from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
-                    encode_prompt, fail, file_stamp, load_model, load_tokenizer, print0,
-                    response_eos, sample_problems, work_share, write_json)
+from common import (Progress, ResumableJsonl, all_reduce_sum, auto_batch_size, barrier,
+                    batch_size_arg, dist_init, dist_teardown, encode_prompt, fail, file_stamp,
+                    get_world, load_model, load_tokenizer, print0, response_eos, sample_problems,
+                    work_share, write_json)
 from mathtext import STOP_STRINGS, TEMPLATES, format_prompt, grade, load_problems
 
 # -------------------------------------------------------------------------------------------------
@@ -75,7 +77,9 @@ parser.add_argument("--temperature", type=float, default=1.0, help="sampling tem
                     "(cDPO: 0.5 Llama-3-8B GSM8K, 0.1 MATH; PAPERS.md A1)")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (cDPO: 0.95)")
 parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample, at most")
-parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
+parser.add_argument("--batch-size", type=batch_size_arg, default=64, help="sequences per "
+                    "forward, or auto: as many as the free device memory holds (the KV cache of "
+                    "the longest prompt + --max-new-tokens, common.auto_batch_size)")
 parser.add_argument("--seed", type=int, default=0, help="sample k of problem q uses "
                     "seed_for(seed, q, k)")
 
@@ -110,8 +114,8 @@ def main(args):
     out = Path(args.out or run / "01_sample")
     args.model = str(args.model or run / "00_toy" / "model")
     args.data = str(args.data or run / "00_toy" / "train.jsonl")
-    if args.n <= 0 or args.batch_size <= 0 or args.max_new_tokens <= 0:
-        fail("--n, --batch-size and --max-new-tokens must be positive")
+    if args.n <= 0 or args.max_new_tokens <= 0:
+        fail("--n and --max-new-tokens must be positive")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.temperature == 0 and args.n > 1:
@@ -142,6 +146,10 @@ def main(args):
     # Loop: (problem, sample) rows, --batch-size per generate call; a problem's record is
     # appended as soon as its last sample is back.
     ids = {p["id"]: encode_prompt(tok, p["prompt"]) for p in todo}
+    if args.batch_size == "auto":
+        args.batch_size = auto_batch_size(model, max(map(len, ids.values()), default=0),
+                                          args.max_new_tokens, device,
+                                          get_world() if args.tp else 1)
     progress = Progress(len(todo), unit="problems")
     n_rows, n_tokens, n_right, n_cut, n_done, t0 = 0, 0, 0, 0, 0, time.time()
     for p, outs, n_rows, n_tokens in sample_problems(

@@ -42,7 +42,7 @@ Writes <run-dir>/02_localize/records.jsonl  one record per wrong sample (resume 
 
   python 02_localize.py --run-dir runs/toy                                     # CPU, toy world
   torchrun --nproc_per_node=8 02_localize.py --run-dir runs/l3-8b \\
-      --model meta-llama/Meta-Llama-3-8B --bf16 --batch-size 256 --max-new-tokens 512 \\
+      --model meta-llama/Meta-Llama-3-8B --bf16 --batch-size auto --max-new-tokens 512 \\
       --temperature 0.8 --top-p 0.95 --threshold 0
 """
 import argparse
@@ -56,9 +56,10 @@ from pathlib import Path
 
 import torch
 
-from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, encode_prompt,
-                    encode_steps, fail, file_stamp, generate, load_model, load_tokenizer, print0,
-                    read_jsonl, seed_for, work_share, write_json, write_jsonl)
+from common import (Progress, ResumableJsonl, auto_batch_size, barrier, batch_size_arg,
+                    dist_init, dist_teardown, encode_prompt, encode_steps, fail, file_stamp,
+                    generate, get_world, load_model, load_tokenizer, print0, read_jsonl, seed_for,
+                    work_share, write_json, write_jsonl)
 from judge import ask_judge, judge_message, parse_verdict
 from mathtext import STOP_STRINGS, grade, split_steps
 
@@ -94,7 +95,10 @@ parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling m
 parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per continuation")
 parser.add_argument("--stop", nargs="*", default=STOP_STRINGS, help="stop strings (default: "
                     "mathtext.STOP_STRINGS, as in 01: the model starting the next question)")
-parser.add_argument("--batch-size", type=int, default=64, help="continuations per generate call")
+parser.add_argument("--batch-size", type=batch_size_arg, default=64, help="continuations per "
+                    "generate call, or auto: as many as the free device memory holds (the KV "
+                    "cache of the longest prompt + sample + --max-new-tokens, "
+                    "common.auto_batch_size)")
 parser.add_argument("--bf16", action="store_true", help="sample in bfloat16 (GPU)")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
 parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
@@ -254,6 +258,12 @@ def main(args):
     mine = [s for s in chosen_samples[share::shares] if s["key"] not in store.done]
     print0(f"{len(chosen_samples)} wrong samples from {len(problems)} problems | "
            f"{len(chosen_samples) - len(store.done)} to do on {world} rank(s)")
+    if args.batch_size == "auto":  # a rollout context is a prompt + a prefix of its sample
+        longest = max((len(encode_prompt(tok, s["rec"]["prompt"])) +
+                       len(tok(s["text"], add_special_tokens=False).input_ids) for s in mine),
+                      default=0)
+        args.batch_size = auto_batch_size(model, longest, args.max_new_tokens, device,
+                                          get_world() if args.tp else 1)
 
     # Judge verdicts (threads only wait on HTTP; grading stays in the main thread)
     verdicts = {}

@@ -88,7 +88,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def cdpo_loss(policy_logps, ref_logps, weights, beta: float):
-    """Token-weighted DPO, sequence level (the paper's form). With all weights 1 it is DPO.
+    """Token-weighted DPO, sequence level (paper-style; PAPERS.md A3). With all weights 1 it is DPO.
 
         D_bt   = log pi_theta(y_bt | x_b, y_b<t) - log pi_ref(y_bt | x_b, y_b<t)
         r_b    = beta * sum_t w_bt * D_bt                  (the implicit reward of response b)

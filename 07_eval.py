@@ -2,7 +2,8 @@
 Stage 07: accuracy on GSM8K, MATH500 or a local JSONL (the toy test split by default).
 
 Greedy by default (temperature 0, one answer per problem, the protocol of PAPERS.md B4); graded
-with extract_answer / is_equiv (PAPERS.md C); an answer cut by --max-new-tokens counts as wrong and
+with mathtext's extract_answer / is_equiv (this project's grader, not the released ones of PAPERS.md
+C1, C2); an answer cut by --max-new-tokens counts as wrong and
 is reported (n_truncated: raise the limit if it is not small). Accuracy p = c / n comes with its 95% Wilson
 interval: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.96. With --n k and a
 temperature each problem gets k samples: the record's output is sample 0 (accuracy stays the
@@ -30,7 +31,7 @@ Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, g
   python 07_eval.py --run-dir runs/toy --summary                              # table only
   torchrun --nproc_per_node=8 -- 07_eval.py --run-dir runs/l3-8b \\
       --model runs/l3-8b/05_train_cdpo/model --data ../shared/data/gsm8k/test.jsonl \\
-      --max-new-tokens 512 --batch-size 256 --bf16
+      --max-new-tokens 512 --batch-size auto --bf16
 (with --n, the `--` keeps torchrun from reading it as an abbreviation of its own options)
 """
 import argparse
@@ -44,9 +45,10 @@ from pathlib import Path
 
 import torch
 
-from common import (Progress, ResumableJsonl, all_reduce_sum, barrier, dist_init, dist_teardown,
-                    encode_prompt, fail, file_stamp, load_model, load_tokenizer, print0,
-                    sample_problems, work_share, write_json)
+from common import (Progress, ResumableJsonl, all_reduce_sum, auto_batch_size, barrier,
+                    batch_size_arg, dist_init, dist_teardown, encode_prompt, fail, file_stamp,
+                    get_world, load_model, load_tokenizer, print0, sample_problems, work_share,
+                    write_json)
 from mathtext import STOP_STRINGS, TEMPLATES, format_prompt, grade, is_equiv, load_problems
 
 # -------------------------------------------------------------------------------------------------
@@ -81,7 +83,10 @@ parser.add_argument("--n", type=int, default=1, help="samples per problem (> 1: 
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass")
 parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer, at most")
-parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
+parser.add_argument("--batch-size", type=batch_size_arg, default=64, help="sequences per "
+                    "forward, or auto: as many as the free device memory holds, sized per model "
+                    "(the KV cache of the longest prompt + --max-new-tokens, "
+                    "common.auto_batch_size)")
 parser.add_argument("--seed", type=int, default=0, help="sample k of problem q uses "
                     "seed_for(seed, q, k)")
 
@@ -218,10 +223,13 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
     # Loop: (problem, sample) rows, --batch-size per generate call; a problem's record is
     # appended as soon as its last sample is back.
     ids = {p["id"]: encode_prompt(tok, prompts[p["id"]]) for p in todo}
+    batch_size = args.batch_size if args.batch_size != "auto" else auto_batch_size(
+        model, max(map(len, ids.values()), default=0), args.max_new_tokens, device,
+        get_world() if args.tp else 1)
     progress = Progress(len(todo), unit="problems")
     n_rows, n_tokens, n_right, n_cut, n_done, t0 = 0, 0, 0, 0, 0, time.time()
     for p, outs, n_rows, n_tokens in sample_problems(
-            model, tok, todo, ids, args.n, args.seed, args.batch_size,
+            model, tok, todo, ids, args.n, args.seed, batch_size,
             temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, stop=tuple(STOP_STRINGS)):
         samples = []
@@ -280,8 +288,8 @@ def main(args):
     args.data = str(args.data or run / "00_toy" / "test.jsonl")
     if len(labels) != len(models) or len(set(labels)) != len(labels):
         fail(f"labels {labels} for models {models}: give one distinct --label per --model")
-    if args.n <= 0 or args.batch_size <= 0 or args.max_new_tokens <= 0:
-        fail("--n, --batch-size and --max-new-tokens must be positive")
+    if args.n <= 0 or args.max_new_tokens <= 0:
+        fail("--n and --max-new-tokens must be positive")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         fail("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.temperature == 0 and args.n > 1:

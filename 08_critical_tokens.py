@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from common import (Progress, ResumableJsonl, barrier, dist_init, dist_teardown, file_stamp,
-                    generate, load_model, load_tokenizer, print0, read_jsonl, seed_for, work_share,
-                    write_json)
+from common import (Progress, ResumableJsonl, auto_batch_size, barrier, batch_size_arg,
+                    dist_init, dist_teardown, file_stamp, generate, get_world, load_model,
+                    load_tokenizer, print0, read_jsonl, seed_for, work_share, write_json)
 from mathtext import grade
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -54,7 +54,10 @@ parser.add_argument("--max-new-tokens", type=int, default=96, help="cap per cont
 parser.add_argument("--cancel-frac", type=float, default=3 / 64,
                     help="a later prefix with more than this share right cancels a candidate "
                          "(released: more than 3 of 64)")
-parser.add_argument("--batch-size", type=int, default=128, help="sequences per generate call")
+parser.add_argument("--batch-size", type=batch_size_arg, default=128, help="sequences per "
+                    "generate call, or auto: as many as the free device memory holds (the KV "
+                    "cache of the longest prompt + answer + --max-new-tokens, "
+                    "common.auto_batch_size)")
 parser.add_argument("--seed", type=int, default=0, help="rollout seed")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
 parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
@@ -178,6 +181,10 @@ def main(args):
                           fingerprint={**{k: vars(args)[k] for k in shapes},
                                        "model": file_stamp(model_dir), "data": file_stamp(data)})
     todo = [p for p in pairs[share::shares] if p["id"] not in sink.done]
+    if args.batch_size == "auto":  # a rollout prefix is a prompt + a prefix of its answer
+        longest = max((len(p["prompt_ids"]) + len(p["rejected_ids"]) for p in todo), default=0)
+        args.batch_size = auto_batch_size(model, longest, args.max_new_tokens, device,
+                                          get_world() if args.tp else 1)
     progress = Progress(len(todo), "answers")
     for pair in todo:
         sink.append(study_answer(model, tok, pair, args))

@@ -10,8 +10,9 @@ This file holds what two or more stages share:
                tokenizer adds it, EOS = the end id the model wrote)
   log-probs    token_logps: the one place where the label shift happens, chunked over positions
   batches      collate_pairs: (prompt, chosen, rejected, weights, reference log-probs) -> (2B, T)
-  sampling     generate: batched, KV-cached, per-row seeded sampling that stops at every end id
-               and stop string and says why it stopped; sample_problems; response_eos
+  sampling     generate: batched per-row seeded sampling over a KV cache allocated once, that
+               stops at every end id and stop string and says why it stopped; sample_problems;
+               response_eos; auto_batch_size (--batch-size auto: the rows free memory holds)
   models       load_model / load_tokenizer / save_model (safetensors only), shard_model (FSDP2)
   training     add_training_args, training_policy, adamw, lr_at, global_batch (seeded epochs),
                reference_logps, clip_grad_norm, save_checkpoint / load_checkpoint
@@ -32,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 import torch.distributed as dist
+from transformers.cache_utils import CacheLayerMixin
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,9 +69,10 @@ def cpu_threads() -> int:
     this machine's cores shared by its local ranks. torchrun sets OMP_NUM_THREADS=1 when it is
     unset, which would leave rank 0's load, LoRA merge and save (and AdamW on offloaded states)
     on one core."""
-    asked = int(os.environ.get("CPU_THREADS", 0)) or int(os.environ.get("OMP_NUM_THREADS", 1))
-    if asked > 1:
-        return asked
+    if os.environ.get("CPU_THREADS"):
+        return int(os.environ["CPU_THREADS"])
+    if int(os.environ.get("OMP_NUM_THREADS", 1)) > 1:
+        return int(os.environ["OMP_NUM_THREADS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
@@ -536,15 +539,15 @@ def _sample_rows(logits, temperature, top_p, u):
 
 
 @functools.lru_cache(maxsize=8)
-def _may_end_stop(tok, stop: tuple[str, ...], vocab: int) -> torch.Tensor:
-    """(vocab,) bool: tokens that could complete a stop string (their text holds a stop string's
+def _may_end_stop(tok, stop: tuple[str, ...], vocab: int) -> list[bool]:
+    """[vocab] bools: tokens that could complete a stop string (their text holds a stop string's
     last character, or a partial UTF-8 byte), so generate decodes a row's tail only after them."""
     if any(not s or s[-1].isspace() for s in stop):  # spaces decode apart from context: check all
-        return torch.ones(vocab, dtype=torch.bool)
+        return [True] * vocab
     n = min(vocab, len(tok))
     pieces = tok.batch_decode([[i] for i in range(n)])
     ends = {s[-1] for s in stop} | {"\ufffd"}
-    return torch.tensor([any(c in p for c in ends) for p in pieces] + [True] * (vocab - n))
+    return [any(c in p for c in ends) for p in pieces] + [True] * (vocab - n)
 
 
 def end_ids(model, tok) -> list[int]:
@@ -556,72 +559,147 @@ def end_ids(model, tok) -> list[int]:
     return sorted({int(i) for i in ids} | ({tok.eos_token_id} - {None}))
 
 
+class _KVBuffer(CacheLayerMixin):
+    """One attention layer's keys and values, allocated once for a whole generate call:
+    (b, kv_heads, capacity, head_dim) each, capacity = longest prompt + max_new_tokens. A forward
+    writes its q new positions in place at [:, :, length:length + q] and attends to the views
+    [:, :, :length + q]: the shapes transformers' DynamicLayer builds with torch.cat, so the
+    same attention, without copying the layer's whole cache every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states, value_states):
+        """Shapes, dtype and device (and under TP this rank's heads) as the first forward gives."""
+        self.keys = key_states.new_empty((*key_states.shape[:2], self.capacity,
+                                          key_states.shape[-1]))
+        self.values = value_states.new_empty((*value_states.shape[:2], self.capacity,
+                                              value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """key_states (b, h, q, d_k), value_states (b, h, q, d_v) -> every position so far."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.keys[:, :, self.length:end] = key_states
+        self.values[:, :, self.length:end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0  # (kv_length, kv_offset), as DynamicLayer
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        """Keep the rows `indices` (n,), moved to the front of the same buffers; only the filled
+        positions are copied, and no second buffer is allocated."""
+        n, end = len(indices), self.length
+        self.keys[:n, :, :end] = self.keys[indices, :, :end]
+        self.values[:n, :, :end] = self.values[indices, :, :end]
+        self.keys, self.values = self.keys[:n], self.values[:n]
+
+
+def _kv_cache(model, capacity: int):
+    """A transformers Cache for `model`, laid out from its config as the model's own default
+    DynamicCache (one layer per decoder layer), with every full-attention layer a _KVBuffer. The
+    other kinds (sliding-window, linear-attention, shared-KV layers) keep transformers' own
+    layer: their memory is bounded by the window or the state size."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+    layers = DynamicCache(config=model.config).layers
+    return Cache(layers=[_KVBuffer(capacity) if type(layer) is DynamicLayer else layer
+                         for layer in layers])
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = None,
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
              stop: tuple[str, ...] = ()) -> list[dict]:
-    """Continue each prompt (token ids, BOS included). Left padding + KV cache; a row stops at
-    any end id (end_ids), at any stop string, or after max_new_tokens, and then leaves the batch
-    and the cache. Row i draws its step-t token with uniform t of its own CPU generator seeded by
+    """Continue each prompt (token ids, BOS included). Left padding + a KV cache allocated once
+    (_KVBuffer); a row stops at any end id (end_ids), at any stop string, or after
+    max_new_tokens. Row i draws its step-t token with uniform t of its own CPU generator seeded by
     seeds[i], so its text does not depend on the device or on what else is in the batch.
+    A finished row stays in the batch, its tokens ignored, until a quarter of the batch has
+    finished; then the finished rows leave the batch and the cache together. One host sync per
+    step: the new tokens, for the end and stop checks.
     Returns [{"ids": generated ids (the end id kept if produced), "text": decoded text cut at a
     stop string, "finish": "eos" | "stop" | "length" (cut by max_new_tokens: truncated)}]."""
     device = next(model.parameters()).device
-    ends = torch.tensor(end_ids(model, tok), device=device)
+    ends = set(end_ids(model, tok))
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    # the attention mask of every step, written once: the prompts' padding, then ones
+    mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)  # (B, P + N)
+    mask[:, :P] = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    position_ids = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # (B, P)
     u = None
     if temperature > 0:
         u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s))
                          for s in (seeds or [0] * B)]).to(device)  # (B, max_new_tokens)
-    out = torch.full((B, max_new_tokens), pad, device=device)  # (B, N) generated ids
-    length = torch.full((B,), max_new_tokens, device=device)  # (B,) ids each row keeps
+    ids = [[] for _ in range(B)]  # generated ids of each prompt, on the host
     finish = ["length"] * B
-    live = torch.arange(B, device=device)  # (b,) the original row of each row still running
+    live = list(range(B))  # the prompt of each batch row
+    live_idx = torch.arange(B, device=device)  # (b,) the same, on the device
+    running = [True] * B  # per batch row: False once finished (until the row leaves)
     window = max((len(s) for s in stop), default=0) + 2  # tokens that surely hold a stop string
-    may_stop, past = None, None
+    may_stop, past = None, _kv_cache(model, P + max_new_tokens)
     for t in range(max_new_tokens):
         # logits_to_keep=1: only the last position's logits, (b, 1, V). The prefill of a
         # 256 x 800-token batch at vocabulary 128,256 would otherwise build (b, P, V) logits of
         # 52 GB in bf16, just to read their last column.
-        res = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True, logits_to_keep=1)
-        past, logits = res.past_key_values, res.logits[:, -1]  # (b, V)
-        nxt = _sample_rows(logits, temperature, top_p, None if u is None else u[live, t])  # (b,)
-        out[live, t] = nxt
-        at_end = torch.isin(nxt, ends)  # (b,)
-        ended = at_end.clone()
-        if stop:  # decode only the tails that may have just completed a stop string
-            if may_stop is None:
-                may_stop = _may_end_stop(tok, tuple(stop), logits.shape[-1]).to(device)
-            check = (may_stop[nxt] & ~ended).nonzero().flatten().tolist()
-            if check:
-                tails = tok.batch_decode(out[live[check], max(0, t + 1 - window):t + 1].tolist())
-                for i, text in zip(check, tails):
-                    ended[i] = any(s in text for s in stop)
-        if ended.any():  # finished rows leave the batch and the KV cache
-            length[live[ended]] = t + 1
-            for row, eos in zip(live[ended].tolist(), at_end[ended].tolist()):
-                finish[row] = "eos" if eos else "stop"
-            keep = (~ended).nonzero().flatten()
-            if keep.numel() == 0:
-                break
-            past.batch_select_indices(keep)
-            live, nxt, mask, position_ids = live[keep], nxt[keep], mask[keep], position_ids[keep]
+        logits = model(input_ids=input_ids, attention_mask=mask[:, :P + t],
+                       position_ids=position_ids, past_key_values=past, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]  # (b, V)
+        nxt = _sample_rows(logits, temperature, top_p, None if u is None else u[live_idx, t])
+        if stop and may_stop is None:
+            may_stop = _may_end_stop(tok, tuple(stop), logits.shape[-1])
+        # The step's one host sync: the new ids, for the end and stop checks and the outputs.
+        # (transformers' sdpa mask code also reads the padding mask on the host, at the start of
+        # the next forward, when the device has nothing queued.)
+        for i, token in enumerate(nxt.tolist()):
+            if not running[i]:
+                continue
+            row = live[i]
+            ids[row].append(token)
+            if token in ends:
+                finish[row], running[i] = "eos", False
+            elif stop and may_stop[token]:  # decode only tails that may complete a stop string
+                tail = tok.decode(ids[row][-window:])
+                if any(s in tail for s in stop):
+                    finish[row], running[i] = "stop", False
+        done = running.count(False)
+        if done == len(running):
+            break
+        # A finished row costs its share of every later step (on a GPU mostly the read of its
+        # cache by attention); leaving costs a read and a write of the filled cache of every row
+        # that stays. Waiting for a quarter of the batch bounds the waste at a quarter of a step,
+        # repays the copy within ~6 steps (2 x 3/4 against 1/4 of the cache read per step) and
+        # keeps the copies few: log base 4/3 of the batch (~19 for 256 rows instead of up to 256),
+        # under 4 caches' worth in all. (On a 2-core CPU, where a row's matmuls dominate, leaving
+        # at once was ~5% faster: BENCHMARKS.md.)
+        if 4 * done >= len(running):
+            keep = [i for i, r in enumerate(running) if r]
+            keep_idx = torch.tensor(keep, device=device)
+            past.batch_select_indices(keep_idx)
+            live, running = [live[i] for i in keep], [True] * len(keep)
+            live_idx, nxt = live_idx[keep_idx], nxt[keep_idx]
+            mask, position_ids = mask[keep_idx], position_ids[keep_idx]
         input_ids = nxt[:, None]  # (b, 1): the cache holds everything before it
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         position_ids = position_ids[:, -1:] + 1
     results = []
-    for ids, n, why in zip(out.tolist(), length.tolist(), finish):
-        text = tok.decode(ids[:n], skip_special_tokens=True)
+    for row_ids, why in zip(ids, finish):
+        text = tok.decode(row_ids, skip_special_tokens=True)
         for s in stop:
             text = text.split(s)[0]
-        results.append({"ids": ids[:n], "text": text, "finish": why})
+        results.append({"ids": row_ids, "text": text, "finish": why})
     return results
-
 
 
 def sample_problems(model, tok, problems: list[dict], prompt_ids: dict, n: int, seed: int,
@@ -651,6 +729,80 @@ def response_eos(tok, out: dict) -> int | None:
     next question: the answer is whole), none where max_new_tokens cut it (it is not whole)."""
     return {"eos": out["ids"][-1] if out["ids"] else None, "stop": tok.eos_token_id,
             "length": None}[out["finish"]]
+
+
+def batch_size_arg(text: str) -> int | str:
+    """argparse type of the sampling stages' --batch-size: a positive integer, or 'auto'
+    (auto_batch_size sizes it once the model is loaded)."""
+    import argparse
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a positive integer nor 'auto'")
+    return int(text)
+
+
+def kv_bytes_per_token(model, shards: int = 1) -> int:
+    """KV-cache bytes of one position of one sequence on this rank: 2 (keys and values) x layers x
+    kv_heads x head_dim x dtype bytes, kv_heads / shards under tensor parallel (each rank holds
+    its share of the heads). Sliding-window layers are counted as full ones (an upper bound)."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * math.ceil(kv_heads / shards) * head_dim * \
+        model.dtype.itemsize
+
+
+def free_memory(device) -> int:
+    """Bytes this process can still allocate on `device`: the GPU's free memory plus what torch's
+    caching allocator holds unused; on CPU, MemAvailable of /proc/meminfo."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def auto_batch_size(model, prompt_len: int, max_new_tokens: int, device, shards: int = 1,
+                    free: int | None = None, margin: float = 0.2, limit: int = 1024) -> int:
+    """--batch-size auto: the most generate rows that fit in `free` bytes (default: free_memory of
+    `device` now, the model already loaded) less a `margin` share kept back for fragmentation and
+    what the formula leaves out. With P = prompt_len (the longest prompt), N = max_new_tokens:
+
+        row bytes = kv_bytes_per_token(model, shards) x (P + N)   its KV cache, allocated at once
+                  + P x (4 x hidden + 3 x intermediate) x dtype   one layer's prefill activations
+                  + vocab x 4 x 10                                logits and top-p sampling buffers
+        batch     = floor(free x (1 - margin) / row bytes), clamped to [1, limit]
+
+    Top-p sampling holds ~7 float32 copies of the (b, vocab) logits at its peak (measured); 10
+    counts the logits themselves and leaves room. On SmolLM2 (CPU, float32) the formula fits 13
+    rows in the peak memory a 16-row generate took: it errs on the safe side. CPU ranks of one
+    host share its free memory; `limit` keeps a CPU host's tens of GB from asking for tens of
+    thousands of rows. Under tensor parallel (shards = ranks > 1) every rank must run the same
+    batches: all take the smallest rank's batch. Prints the batch and its figures (rank 0)."""
+    cfg = model.config.get_text_config()
+    kv = kv_bytes_per_token(model, shards)
+    hidden = cfg.hidden_size
+    prefill = prompt_len * (4 * hidden + 3 * getattr(cfg, "intermediate_size", 4 * hidden)) * \
+        model.dtype.itemsize
+    row = kv * (prompt_len + max_new_tokens) + prefill + cfg.vocab_size * 4 * 10
+    if free is None:
+        free = free_memory(device)
+        if torch.device(device).type == "cpu":  # the ranks of one host share its memory
+            free //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    batch = max(1, min(limit, int(free * (1 - margin) // row)))
+    if shards > 1:
+        smallest = torch.tensor([batch], device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        batch = int(smallest)
+    print0(f"--batch-size auto: {batch} rows | {row / 2**20:.1f} MiB a row (KV cache "
+           f"{kv / 2**10:.1f} KiB/token x ({prompt_len} prompt + {max_new_tokens} new tokens), "
+           f"prefill {prefill / 2**20:.1f} MiB, logits {cfg.vocab_size * 40 / 2**20:.1f} MiB) | "
+           f"{free / 2**30:.1f} GiB free on {torch.device(device).type}, {margin:.0%} kept back"
+           + (f" | at most {limit}" if batch == limit else ""))
+    return batch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,9 +861,10 @@ def decoder_layers(model):
 
 
 def sharded() -> bool:
-    """Training is FSDP2-sharded whenever a process group exists (torchrun, even with one GPU:
-    that is how --cpu-offload works on a single card); plain `python` trains one unsharded model."""
-    return dist.is_initialized()
+    """Training is FSDP2-sharded under torchrun: over several ranks, or over one GPU (that is how
+    --cpu-offload works on a single card). Plain `python`, or one CPU process, trains one
+    unsharded model (gloo's one-rank collectives made a toy step ~50x slower here)."""
+    return dist.is_initialized() and (get_world() > 1 or torch.cuda.is_available())
 
 
 def shard_model(model, device, bf16: bool = False, cpu_offload: bool = False,

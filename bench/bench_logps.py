@@ -7,7 +7,9 @@ Each variant runs in a fresh subprocess. Peak memory beyond the forward = (peak 
 log-probs + backward) - (peak of the baseline: forward, then backward of logits.sum(), whose
 one logits-sized gradient every loss needs to reach lm_head), read from
 ru_maxrss on CPU and torch.cuda.max_memory_allocated on GPU. Target: under 25% of the logits
-tensor for token_logps (naive costs 100-200%). Prints a markdown table for BENCHMARKS.md.
+tensor for token_logps (naive costs 100-200%). token_logps_4M: its chunks before they were
+sized by bytes (4M elements: 128-512 chunks of tiny kernels at vocabulary 128,256 on a GPU).
+Prints a markdown table for BENCHMARKS.md.
 """
 import argparse
 import json
@@ -58,8 +60,9 @@ def run_one(spec):
                 lp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])
                 if train:
                     lp.sum().backward()
-            else:
-                lp = token_logps(model, ids, mask)
+            else:  # token_logps: chunks by its default byte budget, or the old 4M-element ones
+                old = spec["variant"] == "token_logps_4M"
+                lp = token_logps(model, ids, mask, **({"chunk_bytes": 4 << 22} if old else {}))
                 if train:
                     lp.sum().backward()
         model.zero_grad(set_to_none=True)
@@ -92,7 +95,7 @@ def main(args):
     for V in [int(v) for v in args.vocabs.split(",")]:
         for mode in ("forward", "train"):
             res = {}
-            for variant in ("baseline", "naive", "token_logps"):
+            for variant in ("baseline", "naive", "token_logps_4M", "token_logps"):
                 spec = dict(device=args.device, vocab=V, B=B, T=T, variant=variant, mode=mode,
                             repeats=args.repeats)
                 # A fixed mmap threshold makes glibc hand every large block back to the OS at
@@ -102,7 +105,7 @@ def main(args):
                                      capture_output=True, text=True, check=True, env=env)
                 res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             base = res["baseline"]
-            for variant in ("naive", "token_logps"):
+            for variant in ("naive", "token_logps_4M", "token_logps"):
                 extra = res[variant]["peak"] - base["peak"]
                 rows.append((V, mode, variant, res[variant]["time"] * 1e3, extra / 2**20,
                              100 * extra / base["logits"], base["logits"] / 2**20))

@@ -36,20 +36,27 @@ case $RECIPE in                 # TEMP: A1, GSM8K row
 esac
 RUN=${RUN:-runs/$RECIPE}
 TRAIN="--bf16 --activation-checkpointing"  # bf16: A4 (SFT), B3; checkpointing: B3 (ours in 03, 05)
-# Ours throughout: the micro-batch sizes, --batch-size of 01/02/04, --save-every of 05/06, and bf16
-# sampling. `--` ends torchrun's own options: it would otherwise read a stage's --n as its own.
+# Ours throughout: the micro-batch sizes, --batch-size of 01/02/04/07 (auto: what fits in GPU
+# memory), --save-every of 05/06, and bf16 sampling. `--` ends torchrun's own options: it would
+# otherwise read a stage's --n as its own.
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC --"
+# Before hours of sampling: does every training stage fit this node's GPUs and host memory?
+# (the arithmetic of README's memory table; llama3-70b's Step-DPO offloads 1.1 TB to the host)
+$PY runs/memory_plan.py --check "$RECIPE"
+# Rank 0 alone reads the checkpoint and writes the trained model while the others wait in a
+# collective: give them an hour (NCCL's default is 10 minutes).
+export DIST_TIMEOUT_MINUTES=${DIST_TIMEOUT_MINUTES:-60}
 
 # 01: 64 samples per GSM8K training problem, few-shot prompt, graded (A0, A1).
 $TORCHRUN 01_sample.py \
   --run-dir "$RUN" --model "$MODEL" --data gsm8k --split train --template fewshot \
-  --n 64 --temperature "$TEMP" --top-p 0.95 --max-new-tokens 1024 --batch-size 256 --bf16 $TP
+  --n 64 --temperature "$TEMP" --top-p 0.95 --max-new-tokens 1024 --batch-size auto --bf16 $TP
 
 # 02 (Step-DPO): first wrong step by rollouts, self-rectified; B2's sampling (temperature 0.8,
 # top-p 0.95, at most 2 wrong answers a problem); rollouts, threshold and token cap are ours.
 $TORCHRUN 02_localize.py \
   --run-dir "$RUN" --model "$MODEL" --per-problem 2 --temperature 0.8 --top-p 0.95 \
-  --rollouts 8 --threshold 0.125 --max-new-tokens 1024 --batch-size 256 --bf16 $TP
+  --rollouts 8 --threshold 0.125 --max-new-tokens 1024 --batch-size auto --bf16 $TP
 
 # 03 (cDPO): positive and negative models (A4: cosine, 100 warmup steps, 1 epoch, global batch 6,
 # max length 1024, bf16, saved every 200 steps).
@@ -80,7 +87,7 @@ $TORCHRUN 06_train_stepdpo.py \
 for data in gsm8k math500; do
   $TORCHRUN 07_eval.py \
     --run-dir "$RUN" --data "$data" --template fewshot --temperature 0 --max-new-tokens 1024 \
-    --bf16 $TP --out "$RUN/07_eval_$data" \
+    --batch-size auto --bf16 $TP --out "$RUN/07_eval_$data" \
     --model "$MODEL" --label base \
     --model "$RUN/03_contrastive_sft/pos" --label sft \
     --model "$RUN/05_train_dpo/model" --label dpo \

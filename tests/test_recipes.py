@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -33,8 +34,9 @@ def recorded_commands(tmp_path, script, *args, env=None):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_multigpu_recipe_flags_parse(tmp_path, recipe):
     calls = recorded_commands(tmp_path, "multigpu.sh", recipe, env={"RUN": str(tmp_path / "r")})
+    assert calls[0] == ["runs/memory_plan.py", "--check", recipe]  # before anything runs
     stages = []
-    for argv in calls:
+    for argv in calls[1:]:
         assert argv[:2] == ["-m", "torch.distributed.run"] and "--" in argv, argv
         script, *args = argv[argv.index("--") + 1:]
         stage = load_stage(script.removesuffix(".py"))
@@ -213,7 +215,7 @@ def test_multigpu_recipe_settings_are_the_papers(tmp_path, recipe):
     if recipe in OURS:
         assert re.search(rf"{recipe}\s+OURS", script_text), "label the variant OURS in its usage"
     parsed = {}
-    for argv in calls:
+    for argv in calls[1:]:  # calls[0]: the memory check
         nproc = int(next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1])
         script, *args = argv[argv.index("--") + 1:]
         stage = load_stage(script.removesuffix(".py"))
@@ -242,7 +244,7 @@ def test_multigpu_recipe_settings_are_the_papers(tmp_path, recipe):
                     got = ns[key]
                 if want is None or got != want:
                     wrong.append(f"{script} {key}: recipe {got!r}, PAPERS.md {want!r}")
-            if "batch_size" in ns and ns["batch_size"] % nproc:
+            if isinstance(ns.get("batch_size"), int) and ns["batch_size"] % nproc:
                 wrong.append(f"{script}: global batch {ns['batch_size']} over {nproc} ranks")
     assert not wrong, f"{recipe} ({model}):\n" + "\n".join(wrong)
 
@@ -264,3 +266,56 @@ def test_every_papers_citation_names_a_section_of_the_notes():
     assert cited, "no citations found: the pattern is broken"
     missing = {label: files for label, files in cited.items() if label not in labels}
     assert not missing, f"cited but not in PAPERS.md: {missing}"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_memory_plan_describes_the_recipes_training_stages(tmp_path, recipe):
+    """runs/memory_plan.py (README's memory table, the recipes' --check) computes each training
+    stage with the ranks, LoRA rank and targets, micro-batch and offload its command really has."""
+    sys.path.insert(0, str(ROOT / "runs"))
+    import memory_plan
+    calls = recorded_commands(tmp_path, "multigpu.sh", recipe, env={"RUN": str(tmp_path / "r")})
+    seen = {}
+    for argv in calls[1:]:
+        script, *args = argv[argv.index("--") + 1:]
+        name = script.removesuffix(".py")
+        if name in memory_plan.RECIPES[recipe]:
+            stage = load_stage(name)
+            ns = stage.parser.parse_args(args)
+            nproc = int(next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1])
+            seqs = 1 if name == "03_contrastive_sft" else 2  # SFT: one sequence a record
+            seen[name] = (nproc, ns.lora_r, stage.LORA_TARGETS if ns.lora_r else [],
+                          ns.micro_batch_size, seqs, ns.cpu_offload)
+            assert ns.max_length == memory_plan.MAX_LENGTH
+    planned = {k: (w, r, t if r else [], m, s, o)
+               for k, (w, r, t, m, s, o) in memory_plan.RECIPES[recipe].items()}
+    assert seen == planned
+
+
+def test_memory_plan_counts_parameters_as_transformers_does():
+    """The parameter and LoRA counts behind the table equal those of the real model classes
+    (built on the meta device: no memory, no download)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(ROOT / "runs"))
+    import memory_plan
+    for name, s in memory_plan.SHAPES.items():
+        cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"],
+                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                          num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
+                          tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        assert memory_plan.n_params(s)[0] == sum(p.numel() for p in model.parameters()), name
+        with torch.device("meta"):
+            lora = get_peft_model(model, LoraConfig(r=16, target_modules=memory_plan.ATTN))
+        n = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+        assert memory_plan.n_lora(s, 16, memory_plan.ATTN) == n, name
+
+
+def test_readme_memory_table_is_the_plans():
+    """README's per-GPU memory table is runs/memory_plan.py's output, not typed by hand."""
+    sys.path.insert(0, str(ROOT / "runs"))
+    import memory_plan
+    assert memory_plan.markdown() in (ROOT / "README.md").read_text()

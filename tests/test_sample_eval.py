@@ -3,6 +3,7 @@ grading, metrics (pass@k, Wilson) and bad input. Real toy model and tokenizer, n
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,16 @@ def test_sample_records_and_grading(ref01):
             assert s["correct"] == (not s["truncated"] and is_equiv(s["pred"], r["answer"]))
             assert (s["eos_id"] is None) == s["truncated"]
     assert len({s["text"] for r in ref01 for s in r["samples"]}) > 30  # samples, not copies
+
+
+def test_sample_batch_size_auto(toy_world, tmp_path, ref01, capsys):
+    """--batch-size auto sizes the batch from the free memory (here: all 36 rows in one
+    generate call, where ref01 made 6 calls of 6): the same samples."""
+    run_stage(sample, "--run-dir", toy_world, "--out", tmp_path, "--batch-size", "auto",
+              *SAMPLE_ARGS)
+    assert lines(tmp_path / "samples.jsonl") == ref01
+    chosen = re.search(r"--batch-size auto: (\d+) rows", capsys.readouterr().out)
+    assert chosen and int(chosen[1]) >= 36
 
 
 def kill_after_records(cmd, part, records: int) -> int:
