@@ -1,20 +1,21 @@
 """
 Stage 00: the embedded toy world, so the whole pipeline runs on a laptop with no downloads.
 
-Builds multi-step arithmetic word problems (2-5 operations: start value 2-50, add or subtract at
-most 50, multiply by 2 or 3 with probability 0.2, every value in [0, 1000)), a sentencepiece BPE
-tokenizer, and a 0.86M-parameter Llama trained from scratch until its greedy dev accuracy reaches
---target-acc. Its errors are mostly one-digit slips in one step's result: each wrong answer has a
-clear first wrong step (Step-DPO) and a clear critical token (cDPO).
+Draws the toy problems of toyworld.py (multi-step arithmetic word problems), builds a
+sentencepiece BPE tokenizer on them, and trains a 0.86M-parameter Llama from scratch until its
+greedy dev accuracy reaches --target-acc. Its errors are mostly one-digit slips in one step's
+result: each wrong answer has a clear first wrong step (Step-DPO) and a clear critical token (cDPO).
 
-  prompt   = "Question: " + question + "\\nAnswer:"
+  prompt   = "Question: " + question + "\\nAnswer:"       (mathtext's plain template, as in 01/07)
   response = " Step 1: 12 + 7 = 19\\nStep 2: 19 - 4 = 15\\nThe answer is 15."
   sequence = [BOS] + ids(prompt) + ids(response) + [EOS]    (loss on response + EOS only)
+  loss     = mean cross-entropy over the response + EOS tokens; AdamW, warmup then cosine decay
 
 Writes <run-dir>/00_toy/: model/ (HF Llama + tokenizer, model.safetensors), train/dev/test.jsonl
 ({id, question, answer: "Step k: a op b = c" lines then "#### N", step_values}, GSM8K format) and
 summary.json (steps, seconds, dev and greedy test accuracy, first wrong step of wrong answers).
-Same --seed, same files and weights (also across thread counts, checked for 1 and 2). CPU only:
+Same --seed, same files and weights (also across thread counts, checked for 1 and 2). CPU only
+(no torchrun: one process trains the toy model in minutes):
   python 00_toy.py --run-dir runs/toy        # ~4 min on 2 idle cores
 On a busy machine OMP_NUM_THREADS=1 runs several times faster than torch's default threads.
 """
@@ -35,108 +36,38 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from transformers.utils import logging as hf_logging
 
-from common import generate, lr_at
+from common import write_json, write_jsonl
 from mathtext import split_steps
+from sampling import generate
+from toyworld import NAMES, OBJECTS, first_wrong_step, make_split, prompt_of, response_of
+from training import adamw, lr_at
 
-# -------------------------------------------------------------------------------------------------
-# CLI arguments
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--run-dir", default="runs/toy", help="run dir; writes <run-dir>/00_toy/")
-parser.add_argument("--seed", type=int, default=0, help="seed for problems, init and batch order")
-# data
-parser.add_argument("--n-train", type=int, default=20000, help="training problems")
-parser.add_argument("--n-dev", type=int, default=150, help="dev problems for the stopping rule")
-parser.add_argument("--n-test", type=int, default=500, help="held-out test problems")
-# model
-parser.add_argument("--hidden", type=int, default=128, help="hidden size (MLP is 2.75x)")
-parser.add_argument("--layers", type=int, default=4, help="decoder layers")
-parser.add_argument("--heads", type=int, default=4, help="attention heads")
-# training
-parser.add_argument("--batch-size", type=int, default=32, help="problems per optimizer step")
-parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-parser.add_argument("--max-steps", type=int, default=2500, help="cap on optimizer steps; the "
-                    "cosine schedule spans it")
-parser.add_argument("--min-steps", type=int, default=700, help="first step the stop rule checks")
-parser.add_argument("--eval-every", type=int, default=100, help="steps between dev checks")
-parser.add_argument("--target-acc", type=float, default=0.45, help="stop at the first dev check "
-                    "with greedy accuracy >= this (counted in steps: the build is deterministic)")
+g = parser.add_argument_group("run")
+g.add_argument("--run-dir", default="runs/toy", help="run dir; writes <run-dir>/00_toy/")
+g.add_argument("--seed", type=int, default=0, help="seed for problems, init and batch order")
+g = parser.add_argument_group("data")
+g.add_argument("--n-train", type=int, default=20000, help="training problems")
+g.add_argument("--n-dev", type=int, default=150, help="dev problems for the stopping rule")
+g.add_argument("--n-test", type=int, default=500, help="held-out test problems")
+g = parser.add_argument_group("model")
+g.add_argument("--hidden", type=int, default=128, help="hidden size (MLP is 2.75x)")
+g.add_argument("--layers", type=int, default=4, help="decoder layers")
+g.add_argument("--heads", type=int, default=4, help="attention heads")
+g = parser.add_argument_group("training")
+g.add_argument("--batch-size", type=int, default=32, help="problems per optimizer step")
+g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+g.add_argument("--max-steps", type=int, default=2500, help="cap on optimizer steps; the cosine "
+               "schedule spans it")
+g.add_argument("--min-steps", type=int, default=700, help="first step the stop rule checks")
+g.add_argument("--eval-every", type=int, default=100, help="steps between dev checks")
+g.add_argument("--target-acc", type=float, default=0.45, help="stop at the first dev check with "
+               "greedy accuracy >= this (counted in steps: the build is deterministic)")
 
-# -------------------------------------------------------------------------------------------------
-# Problems
-NAMES = [("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Ben", "He"), ("Zoe", "She"),
-         ("Sam", "He"), ("Lily", "She"), ("Max", "He")]
-OBJECTS = ["marbles", "apples", "stickers", "coins", "books", "cards", "shells", "pencils"]
-ADD = ["{he} finds {b} more.", "{he} buys {b} more.", "{he} gets {b} more from a friend."]
-SUB = ["{he} loses {b}.", "{he} gives away {b}.", "{he} sells {b}."]
-MUL = {2: "Then the number doubles.", 3: "Then the number triples."}
-STEP_LINE = re.compile(r"\s*Step (\d+): (-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?:\n|$)")
-ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
+ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")  # the toy response's last line
 
 
-def make_problem(rng: random.Random, pid: str) -> dict:
-    """One word problem; v stays in [0, 1000) after every operation."""
-    (name, he), obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    v = rng.randint(2, 50)
-    sentences, steps, values = [f"{name} has {v} {obj}."], [], []
-    for k in range(1, rng.randint(2, 5) + 1):
-        r, m = rng.random(), rng.choice((2, 3))
-        if r < 0.2 and v * m < 1000:
-            c, line, text = v * m, f"{v} * {m} = {v * m}", MUL[m]
-        elif (r < 0.6 and v > 0) or v > 949:  # subtract; also when adding could leave the range
-            b = rng.randint(1, min(50, v))
-            c, line, text = v - b, f"{v} - {b} = {v - b}", rng.choice(SUB).format(he=he, b=b)
-        else:
-            b = rng.randint(1, 50)
-            c, line, text = v + b, f"{v} + {b} = {v + b}", rng.choice(ADD).format(he=he, b=b)
-        sentences.append(text)
-        steps.append(f"Step {k}: {line}")
-        values.append(c)
-        v = c
-    question = " ".join(sentences) + f" How many {obj} does {name} have now?"
-    return {"id": pid, "question": question, "answer": "\n".join(steps) + f"\n#### {v}",
-            "step_values": values}
-
-
-def make_split(split: str, n: int, seed: int) -> list[dict]:
-    # One random stream per split, so the test problems do not depend on --n-train.
-    rng = random.Random(f"toy-{split}-{seed}")
-    return [make_problem(rng, f"toy-{split}-{i:05d}") for i in range(n)]
-
-
-def prompt_of(rec: dict) -> str:
-    return "Question: " + rec["question"] + "\nAnswer:"
-
-
-def response_of(rec: dict) -> str:
-    steps, final = rec["answer"].split("\n#### ")
-    return f" {steps}\nThe answer is {final}."
-
-
-# The toy world's exact answer to "where did this attempt first go wrong?" (02 measures its
-# rollout localization against it): the first step whose result differs from the true value.
-
-
-def step_is_right(step: str, k: int, step_values: list[int]) -> bool:
-    """Is `step` the line `Step k: a op b = c` with the true value c = step_values[k-1]?"""
-    m = STEP_LINE.match(step)
-    return k <= len(step_values) and m is not None and int(m[1]) == k and \
-        int(m[5]) == step_values[k - 1]
-
-
-def first_wrong_step(steps: list[str], step_values: list[int]) -> int:
-    """First k whose step (mathtext.split_steps) is not the line `Step k: a op b = c` with
-    c = step_values[k-1] (missing or malformed counts as wrong). When every value is right the
-    ending went wrong: split_steps keeps "The answer is N." in the last step, so that step (or a
-    superfluous one after the last value) is the first wrong one."""
-    for k in range(1, len(step_values) + 1):
-        if k > len(steps) or not step_is_right(steps[k - 1], k, step_values):
-            return k
-    return min(len(step_values) + 1, len(steps))
-
-
-# -------------------------------------------------------------------------------------------------
-# Tokenizer
 def build_tokenizer(texts: list[str], out_dir: Path):
     """Sentencepiece BPE -> transformers LlamaTokenizer, saved to out_dir and reloaded from there.
     Ids: <pad>=0 <s>=1 </s>=2 <unk>=3, then "\\n" and "▁0".."▁9". split_digits keeps numbers as
@@ -176,8 +107,6 @@ def check_tokenizer(tok, prompts: list[str], responses: list[str]) -> bool:
     return joint
 
 
-# -------------------------------------------------------------------------------------------------
-# Training and greedy decoding
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random):
     """One epoch of index batches. Sorting windows of 64 batches by length cuts padding
     (a batch-64 step went from 480 to 315 ms); shuffling the batches keeps the order random."""
@@ -203,7 +132,6 @@ def evaluate(model, tok, recs: list[dict]) -> tuple[float, list[str], list[bool]
     return sum(ok) / len(recs), outs, ok
 
 
-# -------------------------------------------------------------------------------------------------
 def main(args):
     t0 = time.time()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the log
@@ -241,9 +169,9 @@ def main(args):
     model = LlamaForCausalLM(cfg)  # its generation_config takes bos/eos/pad from cfg
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters")
-    groups = [{"params": [p for p in model.parameters() if p.ndim == nd], "weight_decay": wd}
-              for nd, wd in [(2, 0.1), (1, 0.0)]]  # weight decay on matrices, none on norms
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+    # Weight decay 0.1 on matrices, none on norms; not the fused kernel, which rounds differently
+    # (1e-7 apart after 100 steps): the same seed keeps giving the same weights.
+    opt = adamw(model, args.lr, 0.1, betas=(0.9, 0.98), fused=False)
 
     # Training loop: stop at the first dev check >= target-acc, or at max-steps
     rng, batches, step, dev_acc = random.Random(args.seed), [], 0, None
@@ -261,8 +189,8 @@ def main(args):
         logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
         loss = F.cross_entropy(logits[loss_mask], ids[:, 1:][loss_mask])  # mean over tokens
         lr = lr_at(step, args.max_steps, args.lr, warmup=max(1, args.max_steps // 20))  # cosine
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -297,11 +225,9 @@ def main(args):
                "special_ids": {"pad": tok.pad_token_id, "bos": tok.bos_token_id,
                                "eos": tok.eos_token_id, "unk": tok.unk_token_id},
                "total_seconds": round(time.time() - t0, 1), "config": vars(args)}
-    files = {f"{s}.jsonl": "".join(json.dumps(r) + "\n" for r in rs) for s, rs in splits.items()}
-    files["summary.json"] = json.dumps(summary, indent=2) + "\n"
-    for name, text in files.items():  # temp file + rename: a kill never leaves half a file
-        (out / f"{name}.tmp").write_text(text)
-        os.replace(out / f"{name}.tmp", out / name)
+    for s, recs in splits.items():  # temp file + rename: a kill never leaves half a file
+        write_jsonl(out / f"{s}.jsonl", recs)
+    write_json(out / "summary.json", summary)
     print(f"steps {step} | train {train_s:.0f}s | dev acc {dev_acc:.3f} | test acc {test_acc:.3f}"
           f" | first wrong step {hist} | total {summary['total_seconds']:.0f}s -> {out}")
 

@@ -19,8 +19,9 @@ Fine-tuning (PAPERS.md A0 step 3): two models from the same initial model, posit
 answers, negative on the wrong ones; loss = mean NLL of the response tokens (prompt via
 encode_prompt, response via encode_response with the sample's own eos_id: the end id the model
 wrote, e.g. <|eot_id|> under a Llama-3 chat template), averaged over the response tokens of the
-global batch. Full fine-tuning by default; --lora-r r adds LoRA (alpha 2r, dropout 0.1, on
-gate/up/down_proj as released), merged on save so 04 loads ordinary HF models.
+global batch (the optimizer steps: training.optimize, shared with 05 and 06). Full fine-tuning
+by default; --lora-r r adds LoRA (alpha 2r, dropout 0.1, on gate/up/down_proj as released),
+merged on save so 04 loads ordinary HF models.
 
 Reads   <run-dir>/01_sample/samples.jsonl  (id, question, answer, prompt,
                                             samples: [{text, pred, correct, truncated, eos_id}])
@@ -28,7 +29,9 @@ Writes  <run-dir>/03_contrastive_sft/
           pos/, neg/             HF models (safetensors + tokenizer + training_config.json)
           pairs.jsonl            id, prompt, chosen, rejected, chosen_eos_id, rejected_eos_id,
                                  answer (gold)  -> 04
-          metrics_{pos,neg}.jsonl  per optimizer step: step, loss, grad_norm, lr, tokens_per_s, dt
+          metrics_{pos,neg}.jsonl  per optimizer step: step, loss, grad_norm, lr, tokens_per_s,
+                                 dt, peak_mem_gb
+          checkpoints_{pos,neg}/  with --save-every or --stop-after (torch.distributed.checkpoint)
           summary.json           selection counts, training figures, config
 
 Toy world (2 CPU cores, ~40 s for both models on 800 problems x 8 samples):
@@ -43,51 +46,42 @@ Released settings (PAPERS.md A4): LoRA r 8 / alpha 16 / dropout 0.1 on gate, up,
 cosine, 100 warmup steps; 1 epoch; global batch 6 (70B: 2 x accumulation 3); max length 1024; bf16;
 saved every 200 steps, the best checkpoint by the loss on the last 300 examples, held out (not
 done here: the last model is kept); no few-shot block in the SFT text (A1; here the prompt 01
-sampled with, PAPERS.md E). Toy defaults below: full tuning, lr 2e-4, 3 epochs, batch 16,
-cosine, warmup 0.1 (the positive model's accuracy is the SFT row of README, Results).
+sampled with, PAPERS.md E).
+Defaults (the toy run): full tuning; lr 2e-4 with A4's cosine decay, warmup ratio 0.1 (the toy run
+has ~120 steps, too few for A4's 100 warmup steps); 3 epochs, batch 16. The positive model they
+give is the SFT row of README, Results.
 """
 import argparse
 import json
 import math
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from common import (add_training_args, all_reduce_sum, clip_grad_norm, dist_init, dist_teardown,
-                    encode_prompt, encode_response, fail, global_batch, load_checkpoint,
-                    load_tokenizer, lr_at, MetricsLog, pad_right, peak_memory_all_ranks,
-                    peak_memory_gb, print0, read_jsonl, save_checkpoint, save_model, seed_for,
-                    sync_gradients, token_logps, training_policy, warmup_steps, write_json,
-                    write_jsonl)
+from common import (add_run_args, dist_init, dist_teardown, encode_prompt, encode_response, fail,
+                    load_tokenizer, pad_right, print0, read_jsonl, seed_for, token_logps,
+                    write_json, write_jsonl)
+from training import (add_training_args, check_batch, fit_batch, optimize, save_model,
+                      training_policy)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-g = parser.add_argument_group("run")
-g.add_argument("--run-dir", default="runs/toy",
-               help="run directory shared by all stages (%(default)s)")
-g.add_argument("--model", default="", help="initial model of both (default <run-dir>/00_toy/model)")
-g.add_argument("--data", default="", help="samples (default <run-dir>/01_sample/samples.jsonl)")
-g.add_argument("--out", default="", help="output dir (default <run-dir>/03_contrastive_sft)")
-g.add_argument("--limit", type=int, default=0, help="use the first K problems (0 = all)")
-g.add_argument("--seed", type=int, default=0,
-               help="representatives, tie order, data order (%(default)s)")
-g.add_argument("--which", default="pos,neg", help="models to train: pos, neg or pos,neg")
+g = add_run_args(parser, model="initial model of both (default: <run-dir>/00_toy/model)",
+                 data="graded samples (default: <run-dir>/01_sample/samples.jsonl)",
+                 out="03_contrastive_sft", limit="problems",
+                 seed="representatives, tie order, data order")
 g = parser.add_argument_group("selection")
 g.add_argument("--pos-top-k", type=int, default=1, help="correct groups per problem (released: 1)")
 g.add_argument("--neg-top-p", type=float, default=0.5,
                help="share of the wrong samples the negative set covers (released: 0.5)")
+g.add_argument("--which", default="pos,neg", help="models to train: pos, neg or pos,neg")
 add_training_args(parser, lr=2e-4, epochs=3, batch_size=16, micro_batch_size=16,
                   warmup_ratio=0.1, schedule="cosine", weight_decay=0.0, max_length=1024)
 
 LORA_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # released SFT targets
-
-
-# --------------------------------------------------------------------------------------------------
-# The selection rule
 
 
 def select_examples(samples: list[dict], rng: random.Random, pos_top_k: int = 1,
@@ -114,10 +108,6 @@ def select_examples(samples: list[dict], rng: random.Random, pos_top_k: int = 1,
     return positive, negative, pair
 
 
-# --------------------------------------------------------------------------------------------------
-# Supervised fine-tuning on response tokens
-
-
 def collate_sft(examples: list[dict], pad_id: int) -> dict:
     """Right-padded input_ids, attention_mask (B, T) and loss_mask (B, T-1): 1 on the columns of
     token_logps that score a response token (response token j of prompt length P: column P+j-1)."""
@@ -129,71 +119,32 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict:
 
 
 def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, name: str,
-              config: dict):
-    """Fine-tune one model on `examples` ({prompt_ids, response_ids}), B per optimizer step;
-    returns its figures."""
-    rank, world, device = dist_init()  # already joined by main(): this only returns them
-    mbs = args.micro_batch_size
+              config: dict) -> dict | None:
+    """Fine-tune one model on `examples` ({prompt_ids, response_ids}), B per optimizer step, into
+    out/<name>; returns its figures, or None when --stop-after ended the run early."""
+    _, _, device = dist_init()  # already joined by main(): this only returns them
     model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.1)
-    total = args.max_steps or args.epochs * (len(examples) // B)
-    warmup = warmup_steps(args, total)
-    ckpt = out / f"checkpoints_{name}"
-    step = load_checkpoint(ckpt, model, opt, args.resume)  # fresh run: starts clean
-    log = MetricsLog(out / f"metrics_{name}.jsonl", resume_step=step)
 
-    model.train()
-    start, loss = time.time(), float("nan")
-    while step < total:
-        t0 = time.time()
-        peak_memory_gb(device)  # reset: each step logs its own peak
-        lr = lr_at(step, total, args.lr, warmup, args.schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = global_batch(len(examples), B, args.seed, step)
-        mine = batch[rank::world]  # this rank's share
-        n_tok = sum(len(examples[i]["response_ids"]) for i in batch)  # whole global batch
-        stats = torch.zeros(2, dtype=torch.float64, device=device)  # summed NLL, tokens seen
-        for s in range(0, len(mine), mbs):
-            sync_gradients(model, last_micro_batch=s + mbs >= len(mine))
-            b = {k: v.to(device) for k, v in
-                 collate_sft([examples[i] for i in mine[s:s + mbs]], tok.pad_token_id).items()}
-            with amp:
-                logps = token_logps(model, b["input_ids"], b["attention_mask"])  # (m, T-1)
-            nll = -(logps.float() * b["loss_mask"]).sum()
-            # mean over the global batch's response tokens; x world: FSDP averages over ranks
-            (nll * world / n_tok).backward()
-            stats += torch.stack([nll.detach(), b["attention_mask"].sum()]).double()
-        grad_norm = clip_grad_norm(model, args.max_grad_norm)
-        nll_sum, tokens = all_reduce_sum(stats).cpu().tolist()
-        loss = nll_sum / n_tok
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            if rank == 0:
-                print(f"error: non-finite SFT loss {loss} at step {step} of the {name} model; "
-                      f"{out / name} was not written; try a lower --lr", file=sys.stderr)
-            raise SystemExit(1)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.time() - t0
-        log.log({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                 "tokens_per_s": tokens / dt, "dt": dt,
-                 "peak_mem_gb": peak_memory_all_ranks(device)})
-        step += 1
-        if step < total and (args.save_every and step % args.save_every == 0
-                             or step == args.stop_after):
-            save_checkpoint(ckpt, model, opt, step, args.keep_checkpoints)
-        if step == args.stop_after and step < total:
-            print0(f"stopped the {name} model after step {step} (--stop-after); "
-                   "continue with --resume")
-            return None
+    def nll(idx: list[int]):
+        """Summed NLL of the response tokens of examples[idx], and the input tokens."""
+        b = {k: v.to(device) for k, v in
+             collate_sft([examples[i] for i in idx], tok.pad_token_id).items()}
+        with amp:
+            logps = token_logps(model, b["input_ids"], b["attention_mask"])  # (m, T-1)
+        return -(logps.float() * b["loss_mask"]).sum(), {"tokens": b["attention_mask"].sum()}
 
-    save_model(model, tok, out / name, extra={**config, "trained": name},
-               dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    del model, opt
-    return {"examples": len(examples), "steps": total, "final_loss": loss,
-            "seconds": round(time.time() - start, 1)}
+    def response_tokens(batch: list[int]) -> int:  # the loss: mean over these tokens
+        return sum(len(examples[i]["response_ids"]) for i in batch)
 
-
-# --------------------------------------------------------------------------------------------------
+    start = time.time()
+    done = optimize(args, model, opt, len(examples), B, nll, response_tokens,
+                    ckpt=out / f"checkpoints_{name}", metrics=out / f"metrics_{name}.jsonl",
+                    model_dir=out / name)
+    if done:
+        save_model(model, tok, out / name, extra={**config, "trained": name},
+                   dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        done = {"examples": len(examples), **done, "seconds": round(time.time() - start, 1)}
+    return done  # and the model leaves memory before the next one is built
 
 
 def main(args):
@@ -205,8 +156,7 @@ def main(args):
     which = [w for w in args.which.split(",") if w]
     if not which or set(which) - {"pos", "neg"}:
         fail(f"--which {args.which!r}: use pos, neg or pos,neg")
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
+    check_batch(args)
     config = {**vars(args), "model": model_path, "data": str(data), "out": str(out),
               "world": world}
 
@@ -254,9 +204,7 @@ def main(args):
         examples = [e for e in examples if len(e["prompt_ids"]) + len(e["response_ids"])
                     <= args.max_length]
         counts[f"{name}_dropped_too_long"] = len(sets[name]) - len(examples)
-        if len(examples) < world:
-            fail(f"{len(examples)} {name} examples for {world} ranks: need one per rank")
-        B = min(args.batch_size, len(examples) - len(examples) % world)  # tiny runs: all there is
+        B = fit_batch(args, len(examples), f"{name} examples")
         done = out / name / "train.json"  # written with the model: the model is whole
         if args.resume and done.exists():
             print0(f"{out / name} is already trained (--resume): kept")

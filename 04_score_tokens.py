@@ -35,37 +35,27 @@ from pathlib import Path
 
 import torch
 
-from common import (Progress, ResumableJsonl, barrier, collate_pairs, dist_init, dist_teardown,
-                    encode_prompt, encode_response, fail, file_stamp, load_model, load_tokenizer,
-                    print0, read_jsonl, work_share, write_json, write_text)
+from common import (add_model_args, add_run_args, barrier, collate_pairs, dist_init, dist_teardown,
+                    encode_prompt, encode_response, fail, load_model, load_tokenizer, position_ids,
+                    print0, read_jsonl, write_json, write_text)
+from sampling import file_stamp, Progress, resume_share
 
-# -------------------------------------------------------------------------------------------------
-# CLI arguments
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--run-dir", default="runs/toy", help="run directory")
-parser.add_argument("--data", default=None, help="pairs to score (default: "
-                    "<run-dir>/03_contrastive_sft/pairs.jsonl)")
-parser.add_argument("--pos-model", default=None, help="positive model (default: "
-                    "<run-dir>/03_contrastive_sft/pos)")
-parser.add_argument("--neg-model", default=None, help="negative model (default: "
-                    "<run-dir>/03_contrastive_sft/neg)")
-parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/04_score_tokens)")
-parser.add_argument("--limit", type=int, default=0, help="first K pairs only (0: all)")
-parser.add_argument("--ce-beta", type=float, default=1.0, help="b in softmax((1+b) z_pos - b "
-                    "z_neg); 1 is the released value")
-parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward (2x rows)")
-parser.add_argument("--bf16", action="store_true", help="run the models in bfloat16 (GPU); the "
-                    "combination is still computed in float32")
-parser.add_argument("--html-limit", type=int, default=40, help="pairs shown in the HTML view")
-parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
-parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
-                    "all ranks (tensor parallel) instead of a full copy per rank; for models "
-                    "larger than one GPU")
-
-
-# -------------------------------------------------------------------------------------------------
-# Contrastive estimation
+g = add_run_args(parser, out="04_score_tokens", limit="pairs",
+                 data="pairs to score (default: <run-dir>/03_contrastive_sft/pairs.jsonl)")
+g.add_argument("--pos-model", default=None,
+               help="positive model (default: <run-dir>/03_contrastive_sft/pos)")
+g.add_argument("--neg-model", default=None,
+               help="negative model (default: <run-dir>/03_contrastive_sft/neg)")
+g = parser.add_argument_group("scoring")
+g.add_argument("--ce-beta", type=float, default=1.0,
+               help="b in softmax((1+b) z_pos - b z_neg) (%(default)s, the released value)")
+g.add_argument("--batch-size", type=int, default=16,
+               help="pairs per forward, 2x rows (%(default)s)")
+g.add_argument("--html-limit", type=int, default=40,
+               help="pairs shown in the HTML view (%(default)s)")
+add_model_args(parser)
 
 
 @torch.no_grad()
@@ -92,9 +82,8 @@ def ce_token_probs(z_pos, z_neg, input_ids, beta: float, chunk_bytes: int = 1 <<
 @torch.no_grad()
 def logits_of(model, input_ids, attention_mask):
     """(B, T, V) logits of a right-padded batch; positions follow the mask as in token_logps."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=False).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask), use_cache=False).logits
 
 
 def score_batch(pos, neg, items: list[dict], beta: float, pad_id: int, device) -> list[tuple]:
@@ -109,8 +98,7 @@ def score_batch(pos, neg, items: list[dict], beta: float, pad_id: int, device) -
     return [(probs[i][resp[i]].tolist(), probs[n + i][resp[n + i]].tolist()) for i in range(n)]
 
 
-# -------------------------------------------------------------------------------------------------
-# The critical-token view: rejected answers shaded by weight
+# I/O: critical_tokens.html, the rejected answers shaded by weight
 
 
 def token_pieces(tok, ids: list[int], before: int | None) -> list[str]:
@@ -190,9 +178,6 @@ def render_html(records: list[dict], tok, subtitle: str) -> str:
     return PAGE.format(subtitle=html.escape(subtitle), cards="\n".join(cards))
 
 
-# -------------------------------------------------------------------------------------------------
-
-
 def main(args):
     # Init
     rank, world, device = dist_init()
@@ -202,9 +187,8 @@ def main(args):
     neg_path = args.neg_model or run / "03_contrastive_sft" / "neg"
     print0(f"config: {json.dumps(vars(args))}")
     data = args.data or run / "03_contrastive_sft" / "pairs.jsonl"
-    pairs = read_jsonl(data,
-                       {"id": str, "prompt": str, "chosen": str, "rejected": str})
-    pairs = pairs[:args.limit] if args.limit else pairs
+    pairs = read_jsonl(data, {"id": str, "prompt": str, "chosen": str, "rejected": str})
+    pairs = pairs[:args.limit] if args.limit > 0 else pairs
     if len({p["id"] for p in pairs}) != len(pairs):
         fail("pairs: duplicate ids")
 
@@ -224,18 +208,17 @@ def main(args):
                       "chosen_ids": encode_response(tok, p["chosen"], eos=eos["chosen"]),
                       "rejected_ids": encode_response(tok, p["rejected"], eos=eos["rejected"])})
     # resume only what these very models, these pairs and this --ce-beta produced
-    share, shares = work_share(args.tp)  # pairs share, share + shares, ... are this rank's
-    store = ResumableJsonl(out / "pairs.jsonl", share, writer=rank == 0 or not args.tp,
-                           fingerprint={"pos": file_stamp(pos_path), "neg": file_stamp(neg_path),
-                                        "data": file_stamp(data), "ce_beta": args.ce_beta})
-    mine = [it for it in items[share::shares] if it["id"] not in store.done]
+    store, mine = resume_share(out / "pairs.jsonl", items, args.tp,
+                               fingerprint={"pos": file_stamp(pos_path),
+                                            "neg": file_stamp(neg_path),
+                                            "data": file_stamp(data), "ce_beta": args.ce_beta})
     # longest first, so batches hold similar lengths (little padding) and memory peaks early
     mine.sort(key=lambda it: -len(it["prompt_ids"]) - max(len(it["chosen_ids"]),
                                                           len(it["rejected_ids"])))
     print0(f"{len(pairs)} pairs | {len(items) - len(store.done)} to score on {world} rank(s)")
 
     # Load
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # ce_token_probs combines in float32
     pos = load_model(pos_path, device, dtype, args.trust_remote_code, tp=args.tp).eval()
     neg = load_model(neg_path, device, dtype, args.trust_remote_code, tp=args.tp).eval()
     if pos.config.vocab_size != neg.config.vocab_size:
@@ -277,6 +260,8 @@ def main(args):
                f" | weight>0.5 {summary['share_rejected_weight_over_0.5']:.3f} -> {out}")
     else:
         store.close()
+
+    # Cleanup
     dist_teardown()
 
 

@@ -10,10 +10,10 @@ log pi(s | context) = sum of the log-probs of the step's tokens. Context ids = e
 + the prefix's ids; prefix and step are cut from the tokenization of prefix + step
 (common.encode_steps), so the step's tokens are the ones the model wrote after that context
 (tokenized apart, a byte-level BPE would write a seam such as "\n\n" differently). A step is not an
-ending, so no EOS. The reference is the initial policy, scored once before the first update;
-the training loop is 05_train_cdpo.train_preference (one loop for the DPO family, imported from
-the file beside this one), so everything 05 guarantees holds here too: one model in memory,
-ln 2 at step 0, gradient accumulation = big batch, the NaN guard, torchrun/FSDP2, --resume.
+ending, so no EOS. The reference is the initial policy, scored once before the first update. The
+training run around the loss is preference.train_preference, the one 05 uses, so everything it
+guarantees holds here too: one model in memory, ln 2 at step 0, gradient accumulation = big
+batch, the NaN guard, torchrun/FSDP2, --resume.
 
 Reads   <run-dir>/02_localize/pairs.jsonl  (id, prompt, prefix, chosen, rejected, step_idx, ...)
 Writes  <run-dir>/06_train_stepdpo/model/ (HF safetensors), metrics.jsonl (as 05), checkpoints/
@@ -32,44 +32,36 @@ released script; the paper's text says 0.4); 72B 4 epochs, beta 0.4 (paper: 0.5)
 CPU offload (here: --cpu-offload); bf16, gradient checkpointing, max length 1024, seed 42; the
 initial model is an SFT model (runs/multigpu.sh starts from the base model, as 05 does: PAPERS.md
 E). The released code keeps the last 512 prompt tokens of over-long pairs; here they are dropped
-and counted. Toy defaults below: beta 0.5, lr 1e-5, 3 epochs, batch 16, cosine, warmup 0.1. The
-learning rate is the middle of the plateau runs/toy_sweep.sh finds on the toy dev split (3e-6 to
-3e-5 agree within noise; 1e-4, the earlier default, loses 10-20 points: README, Results). As in
-the published recipes it sits below cDPO's (Step-DPO 5e-7 full tuning, cDPO 4e-5 LoRA).
+and counted. With --lora-r, LoRA goes on every projection, as in 05.
+Defaults (the toy run): full tuning; beta 0.5 (the released 7B value, B3); cosine with warmup
+ratio 0.1 (B3); 3 epochs, batch 16; lr 1e-5, the middle of the range where the toy dev accuracy
+is flat (README, Results, "Learning rate and beta": 3e-6 to 3e-5 within 3.5 points of each other,
+1e-4 over 20 points lower).
 """
 import argparse
-import importlib.util
+import json
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 
-from common import (add_training_args, dist_init, dist_teardown, encode_prompt, encode_steps, fail,
+from common import (add_run_args, dist_init, dist_teardown, encode_prompt, encode_steps, fail,
                     load_tokenizer, print0, read_jsonl)
-
-_spec = importlib.util.spec_from_file_location("cdpo", Path(__file__).with_name("05_train_cdpo.py"))
-cdpo = importlib.util.module_from_spec(_spec)  # 05's training loop; importing it runs nothing
-_spec.loader.exec_module(cdpo)
+from preference import keep_short, train_preference
+from training import add_training_args, check_batch, fit_batch, save_model, training_policy
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-g = parser.add_argument_group("run")
-g.add_argument("--run-dir", default="runs/toy",
-               help="run directory shared by all stages (%(default)s)")
-g.add_argument("--model", default="",
-               help="initial policy = reference (default <run-dir>/00_toy/model)")
-g.add_argument("--data", default="", help="step pairs (default <run-dir>/02_localize/pairs.jsonl)")
-g.add_argument("--out", default="", help="output dir (default <run-dir>/06_train_stepdpo)")
-g.add_argument("--limit", type=int, default=0, help="use the first K pairs (0 = all)")
-g.add_argument("--seed", type=int, default=0, help="data order (%(default)s)")
+add_run_args(parser, model="initial policy = reference (default: <run-dir>/00_toy/model)",
+             data="step pairs (default: <run-dir>/02_localize/pairs.jsonl)",
+             out="06_train_stepdpo", limit="pairs", seed="data order")
 g = parser.add_argument_group("loss")
 g.add_argument("--beta", type=float, default=0.5,
                help="DPO temperature (%(default)s; released 7B 0.5, 72B 0.4)")
 add_training_args(parser, lr=1e-5, epochs=3, batch_size=16, micro_batch_size=16,
                   warmup_ratio=0.1, schedule="cosine", weight_decay=0.0, max_length=1024)
 
-
-# --------------------------------------------------------------------------------------------------
-# The loss
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def step_dpo_loss(policy_logps, ref_logps, step_mask, beta: float):
@@ -99,12 +91,11 @@ def encode_step_pair(tok, rec: dict) -> dict | None:
             "chosen_ids": chosen, "rejected_ids": rejected}
 
 
-# --------------------------------------------------------------------------------------------------
-
-
 def load_step_pairs(path: Path, tok, args) -> list[dict]:
+    """02's step pairs, tokenized (encode_step_pair) and checked: no empty step, no special
+    token in a step; the first --limit, those within --max-length."""
     need = {"id": str, "prompt": str, "prefix": str, "chosen": str, "rejected": str}
-    pairs, too_long, seams = [], 0, 0
+    pairs, seams = [], 0
     for rec in read_jsonl(path, required=need)[:args.limit or None]:
         pair = encode_step_pair(tok, rec)
         if pair is None:
@@ -116,31 +107,39 @@ def load_step_pairs(path: Path, tok, args) -> list[dict]:
             if set(pair[f"{side}_ids"]) & set(tok.all_special_ids):  # a literal '<|eot_id|>'
                 fail(f"{path}: pair '{rec['id']}': {side} step encodes to a special token "
                      "(EOS or another end of turn); a step is not an ending")
-        if len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"])) > \
-                args.max_length:
-            too_long += 1
-            continue
         pairs.append(pair)
-    if too_long:
-        print0(f"dropped {too_long} pairs longer than --max-length {args.max_length}")
     if seams:
         print0(f"dropped {seams} pairs whose context tokenizes differently before the two steps")
-    if not pairs:
-        fail(f"{path}: no pairs left to train on")
-    return pairs
+    return keep_short(pairs, args.max_length, path)
 
 
 def main(args):
-    dist_init()
-    out, model_path, data, config = cdpo.prepare_run(args, "06_train_stepdpo",
-                                                     "02_localize/pairs.jsonl")
-    config["method"] = "stepdpo"
+    _, world, device = dist_init()
+    check_batch(args)
+    run = Path(args.run_dir)
+    out = Path(args.out or run / "06_train_stepdpo")
+    model_path = args.model or str(run / "00_toy" / "model")
+    data = Path(args.data or run / "02_localize" / "pairs.jsonl")
+    config = {**vars(args), "model": model_path, "data": str(data), "out": str(out),
+              "world": world, "method": "stepdpo"}
+
+    # load
     tok = load_tokenizer(model_path, args.trust_remote_code)
     pairs = load_step_pairs(data, tok, args)
-    cdpo.fit_batch(args, len(pairs), config)
-    cdpo.train_preference(args, model_path, pairs, tok, out, config,
-                          loss_fn=lambda pol, ref, b: step_dpo_loss(pol, ref, b["loss_mask"],
-                                                                    args.beta))
+    config["batch_size"] = B = fit_batch(args, len(pairs), "pairs")
+    print0("config " + json.dumps(config))
+
+    # train: the policy (FSDP2 over the ranks, optional LoRA) is also the reference
+    model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.0)
+    done = train_preference(args, model, opt, amp, tok, pairs, B, out,
+                            loss_fn=lambda pol, ref, b: step_dpo_loss(pol, ref, b["loss_mask"],
+                                                                      args.beta))
+
+    # write: an ordinary HF model (LoRA merged), the resolved config beside it
+    if done:  # None: --stop-after, the rest waits for --resume
+        save_model(model, tok, out / "model", extra=config,
+                   dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        print0(f"saved {out / 'model'} after {done['steps']} steps")
     dist_teardown()
 
 

@@ -6,15 +6,18 @@ For each of the first --limit rejected answers y of 04_score_tokens/pairs.jsonl 
 exactly as scored), with the base model at --temperature:
 
 1. "with" rollouts: for every response position t, continue prompt + y_<=t --rollouts times;
-   c_t = number of continuations whose final answer is right.
+   c_t = number of continuations that grade right: the answer extracted from the response
+   (y_<=t + continuation) is_equiv the pair's gold answer, and --max-new-tokens did not cut it
+   (mathtext.grade).
 2. critical token (released rule): scan t from the start; the first t with c_t == 0 becomes the
    candidate; a later prefix with more than --cancel-frac of its rollouts right cancels it (kept as
    a fallback); the answer's critical token = the active candidate, else the last cancelled one.
 3. "without" rollouts at the critical position t*: the base model's next-token distribution there
    with the actual token's probability set to 0, --rollouts alternatives drawn from it (with
    replacement), one continuation each; d = number right.
-4. pass@k = 1 - C(n-c, k) / C(n, k) (unbiased, n = rollouts) for k = 1, 2, 4, ... with the
-   critical token kept (c = c_t*, 0 by construction) and replaced (c = d), averaged over answers.
+4. pass@k = 1 - C(n-c, k) / C(n, k) (unbiased, n = rollouts; mathtext.pass_at_k) for
+   k = 1, 2, 4, ... with the critical token kept (c = c_t*, 0 by construction) and replaced
+   (c = d), averaged over answers.
 5. How well 04's weights find t*: the rank of t* among the answer's rejected_weights (1 = the
    largest weight) and precision@k = share of answers whose t* is among its k largest weights,
    next to the chance level k / len(answer).
@@ -23,51 +26,43 @@ Reads  <run-dir>/04_score_tokens/pairs.jsonl, the base model (<run-dir>/00_toy/m
 Writes <run-dir>/08_critical_tokens/study.json     config, pass@k curves, rank statistics
        <run-dir>/08_critical_tokens/answers.jsonl   per answer: c_t per position, t*, d, rank
        <run-dir>/08_critical_tokens/pass_at_k.png
+Resumable and torchrun-ready like 01_sample.py (ranks take strides of the answers).
 
-  python 08_critical_tokens.py --run-dir runs/toy
-  torchrun --nproc_per_node=8 08_critical_tokens.py --run-dir runs/l3-8b --model meta-llama/Meta-Llama-3-8B --rollouts 64
+  python 08_critical_tokens.py --run-dir runs/toy                             # CPU, toy world
+  torchrun --nproc_per_node=8 08_critical_tokens.py --run-dir runs/l3-8b \\
+      --model meta-llama/Meta-Llama-3-8B --rollouts 64 --batch-size auto --bf16
 """
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
-from common import (Progress, ResumableJsonl, auto_batch_size, barrier, batch_size_arg,
-                    dist_init, dist_teardown, file_stamp, generate, get_world, load_model,
-                    load_tokenizer, print0, read_jsonl, seed_for, work_share, write_json)
-from mathtext import grade
+from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, get_world,
+                    load_model, load_tokenizer, print0, read_jsonl, seed_for, write_json)
+from mathtext import grade, pass_at_k
+from sampling import auto_batch_size, batch_size_arg, file_stamp, generate, Progress, resume_share
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-# data and model
-parser.add_argument("--run-dir", default="runs/toy", help="run directory")
-parser.add_argument("--data", default=None,
-                    help="scored pairs (default: <run-dir>/04_score_tokens/pairs.jsonl)")
-parser.add_argument("--model", default=None, help="rollout model (default: <run-dir>/00_toy/model)")
-parser.add_argument("--out", default=None, help="output dir (default: <run-dir>/08_critical_tokens)")
-parser.add_argument("--limit", type=int, default=24, help="rejected answers studied")
-# rollouts
-parser.add_argument("--rollouts", type=int, default=16, help="continuations per prefix (paper: 64)")
-parser.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
-parser.add_argument("--max-new-tokens", type=int, default=96, help="cap per continuation")
-parser.add_argument("--cancel-frac", type=float, default=3 / 64,
-                    help="a later prefix with more than this share right cancels a candidate "
-                         "(released: more than 3 of 64)")
-parser.add_argument("--batch-size", type=batch_size_arg, default=128, help="sequences per "
-                    "generate call, or auto: as many as the free device memory holds (the KV "
-                    "cache of the longest prompt + answer + --max-new-tokens, "
-                    "common.auto_batch_size)")
-parser.add_argument("--seed", type=int, default=0, help="rollout seed")
-parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from hub")
-parser.add_argument("--tp", action="store_true", help="under torchrun: shard the model over "
-                    "all ranks (tensor parallel) instead of a full copy per rank; for models "
-                    "larger than one GPU")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k)."""
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+add_run_args(parser, model="rollout model (default: <run-dir>/00_toy/model)",
+             data="scored pairs (default: <run-dir>/04_score_tokens/pairs.jsonl)",
+             out="08_critical_tokens", limit="rejected answers (24: the toy demo's ~2 min)",
+             seed="rollout seed", limit_default=24)
+g = parser.add_argument_group("rollouts")
+g.add_argument("--rollouts", type=int, default=16,
+               help="continuations per prefix (%(default)s; paper: 64)")
+g.add_argument("--temperature", type=float, default=1.0,
+               help="rollout temperature (%(default)s)")
+g.add_argument("--max-new-tokens", type=int, default=96,
+               help="tokens per continuation, at most (%(default)s)")
+g.add_argument("--cancel-frac", type=float, default=3 / 64,
+               help="a later prefix with more than this share right cancels a candidate "
+                    "(released: more than 3 of 64)")
+g.add_argument("--batch-size", type=batch_size_arg, default=128,
+               help="sequences per generate call (%(default)s), or auto: as many as the free "
+                    "device memory holds (the KV cache of the longest prompt + answer + "
+                    "--max-new-tokens, sampling.auto_batch_size)")
+add_model_args(parser)
 
 
 def critical_position(correct: list[int], n: int, cancel_frac: float) -> int | None:
@@ -127,9 +122,14 @@ def study_answer(model, tok, pair: dict, args) -> dict:
 
 
 def summarize(records: list[dict], n: int) -> dict:
+    """pass@k with the critical token kept and replaced, and how 04's weights rank it, over
+    the answers that have one (n = rollouts)."""
     found = [r for r in records if r["critical"] is not None]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
-    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+
+    def mean(xs):
+        return sum(xs) / max(1, len(xs))
+
     return {
         "answers": len(records), "with_critical": len(found),
         "k": ks,
@@ -162,37 +162,43 @@ def plot(summary: dict, path: Path):
 
 
 def main(args):
+    # Init
     rank, world, device = dist_init()
-    out = Path(args.out or Path(args.run_dir) / "08_critical_tokens")
-    data = args.data or Path(args.run_dir) / "04_score_tokens/pairs.jsonl"
-    pairs = read_jsonl(data,
-                       required={"id": str, "prompt_ids": list, "rejected_ids": list,
-                                 "rejected_weights": list, "answer": str})[:args.limit]
-    model_dir = args.model or Path(args.run_dir) / "00_toy/model"
-    tok = load_tokenizer(model_dir, args.trust_remote_code)
-    model = load_model(model_dir, device, trust_remote_code=args.trust_remote_code,
-                       tp=args.tp).eval()
-    print0(f"critical-token study: {len(pairs)} answers x {args.rollouts} rollouts per position")
+    run = Path(args.run_dir)
+    out = Path(args.out or run / "08_critical_tokens")
+    data = args.data or run / "04_score_tokens" / "pairs.jsonl"
+    model_dir = args.model or run / "00_toy" / "model"
+    pairs = read_jsonl(data, required={"id": str, "prompt_ids": list, "rejected_ids": list,
+                                       "rejected_weights": list, "answer": str})
+    pairs = pairs[:args.limit] if args.limit > 0 else pairs
 
+    # Load
+    tok = load_tokenizer(model_dir, args.trust_remote_code)
+    model = load_model(model_dir, device, torch.bfloat16 if args.bf16 else torch.float32,
+                       args.trust_remote_code, tp=args.tp).eval()
+    print0(f"critical-token study: {len(pairs)} answers x {args.rollouts} rollouts per position")
     # resume only what this model (these very weights), these pairs and this config produced
     shapes = ("rollouts", "temperature", "max_new_tokens", "cancel_frac", "seed")
-    share, shares = work_share(args.tp)  # answers share, share + shares, ... are this rank's
-    sink = ResumableJsonl(out / "answers.jsonl", share, writer=rank == 0 or not args.tp,
-                          fingerprint={**{k: vars(args)[k] for k in shapes},
-                                       "model": file_stamp(model_dir), "data": file_stamp(data)})
-    todo = [p for p in pairs[share::shares] if p["id"] not in sink.done]
+    store, todo = resume_share(out / "answers.jsonl", pairs, args.tp,
+                               fingerprint={**{k: vars(args)[k] for k in shapes},
+                                            "model": file_stamp(model_dir),
+                                            "data": file_stamp(data)})
     if args.batch_size == "auto":  # a rollout prefix is a prompt + a prefix of its answer
         longest = max((len(p["prompt_ids"]) + len(p["rejected_ids"]) for p in todo), default=0)
         args.batch_size = auto_batch_size(model, longest, args.max_new_tokens, device,
                                           get_world() if args.tp else 1)
+
+    # Loop: one answer at a time, its record appended as soon as it is done
     progress = Progress(len(todo), "answers")
     for pair in todo:
-        sink.append(study_answer(model, tok, pair, args))
+        store.append(study_answer(model, tok, pair, args))
         progress.update()
     progress.close()
+
+    # Write: rank 0 merges the ranks' part files in pair order, then the study and its figure
     barrier()
     if rank == 0:
-        records = sink.merge([p["id"] for p in pairs])
+        records = store.merge([p["id"] for p in pairs])
         summary = summarize(records, args.rollouts)
         write_json(out / "study.json", {"config": vars(args), **summary})
         plot(summary, out / "pass_at_k.png")
@@ -201,6 +207,10 @@ def main(args):
                f"{summary['pass_at_k_with'][0]:.3f} | CE rank {summary['weight_rank_mean']:.1f} | "
                f"precision@3 {summary['precision_at_k'][3]:.2f} "
                f"(chance {summary['chance_at_k'][3]:.2f})")
+    else:
+        store.close()
+
+    # Cleanup
     dist_teardown()
 
 

@@ -24,12 +24,13 @@ from common import fail, read_jsonl, write_text
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--run-dir", default="runs/toy", help="run directory (seed 0)")
-parser.add_argument("--seeds", type=int, default=1,
-                    help="seeds to gather: seed k > 0 lives in <run-dir>-s<k>")
-parser.add_argument("--out", default=None, help="markdown output (default: <run-dir>/results.md)")
-parser.add_argument("--readme", default=None, help="also put the results between the '<!-- results "
-                    "-->' markers of this markdown file, pictures copied into docs/ beside it")
+g = parser.add_argument_group("run")
+g.add_argument("--run-dir", default="runs/toy", help="run directory (seed 0)")
+g.add_argument("--seeds", type=int, default=1,
+               help="seeds to gather: seed k > 0 lives in <run-dir>-s<k>")
+g.add_argument("--out", default=None, help="markdown output (default: <run-dir>/results.md)")
+g.add_argument("--readme", default=None, help="also put the results between the '<!-- results "
+               "-->' markers of this markdown file, pictures copied into docs/ beside it")
 
 # label in 07_eval -> (row name, training output dir, metrics file in it)
 METHODS = [

@@ -2,15 +2,18 @@
 
   load_problems   gsm8k / math500 from the hub, or a local GSM8K- or MATH-format JSONL file,
                   as [{id, question, answer, ...extra fields}] with `answer` always a str
-  format_prompt   plain / fewshot template (base models) or the model's chat template; cut_at_stop
+  format_prompt   plain / fewshot template (base models) or the model's chat template; cut_at_stop;
+                  add_template_arg: the --template flag of the stages that prompt (01, 07)
   split_steps     a response as steps that join back to exactly the same text
   extract_answer  last \\boxed{}, else "The answer is ...", else "#### ...", else the last number
   grade           (pred, correct) of one sample; an answer cut by the token limit is never right
+  pass_at_k       unbiased pass@k of n graded samples of which c are right (07, 08)
   is_equiv        plain numbers exactly in-process; the rest through math-verify in a worker
                   subprocess with a hard time limit (model text is parsed, never executed)
 """
 import atexit
 import json
+import math
 import os
 import re
 import select
@@ -24,7 +27,7 @@ from pathlib import Path
 from common import fail, read_jsonl
 
 
-# Problems -----------------------------------------------------------------------------------------
+# Problems
 
 HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}
 
@@ -97,7 +100,7 @@ def load_problems(name_or_path: str, split: str = "test") -> list[dict]:
     return problems
 
 
-# Prompts ------------------------------------------------------------------------------------------
+# Prompts
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 # Base models (Llama-3-8B, deepseek-math-7b-base) answer a bare plain prompt in any shape; a few
@@ -130,6 +133,15 @@ TEMPLATES = ("plain", "fewshot", "chat", "chat-boxed")
 STOP_STRINGS = ["\n\nQuestion:", "\n\nProblem:"]
 
 
+def add_template_arg(group):
+    """--template (choices TEMPLATES), in the argument group of a stage that prompts (01, 07)."""
+    group.add_argument("--template", default="plain", choices=TEMPLATES,
+                       help="plain 'Question: ...\\nAnswer:' (toy, SFT'd models), fewshot (4 "
+                            "worked examples first: base models), chat (the question as the user "
+                            "message of the tokenizer's chat template) or chat-boxed (+ 'Please "
+                            "reason step by step, and put your final answer within \\boxed{}.')")
+
+
 def format_prompt(question: str, template: str = "plain", tokenizer=None) -> str:
     """'plain' for the toy model and SFT'd models (the response starts with a space), 'fewshot'
     for base models (4 worked examples, then the plain prompt), 'chat' for instruct models (the
@@ -154,7 +166,7 @@ def cut_at_stop(text: str, stops: list[str] = STOP_STRINGS) -> str:
     return text[:cut]
 
 
-# Steps --------------------------------------------------------------------------------------------
+# Steps
 
 STEP_RE = re.compile(r"^[ \t]*Step \d+:", re.M)
 BLANK_RE = re.compile(r"\n(?:[ \t]*\n)+")  # a newline followed by one or more blank lines
@@ -176,7 +188,7 @@ def split_steps(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-# Answers ------------------------------------------------------------------------------------------
+# Answers
 
 BOX_RE = re.compile(r"\\(?:boxed|fbox)\b\s*")
 BARE_RE = re.compile(r"[^\s$]+")  # \boxed 5
@@ -253,7 +265,13 @@ def grade(text: str, gold: str, truncated: bool = False) -> tuple[str | None, bo
     return pred, not truncated and is_equiv(pred, gold)
 
 
-# Equivalence --------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n graded samples of which c are right, k <= n: the chance that k of
+    them drawn without replacement hold a right one, 1 - C(n-c, k) / C(n, k) (1 when n-c < k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# Equivalence
 
 MAX_ANSWER_CHARS = 1000  # a final answer is short; anything longer is garbage and slow to parse
 MEMO_SIZE = 100_000

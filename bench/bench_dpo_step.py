@@ -48,7 +48,8 @@ def run_one(spec):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common import adamw, clip_grad_norm, collate_pairs, load_model, token_logps
+    from common import collate_pairs, load_model, token_logps
+    from training import adamw, clip_grad_norm
     stage = importlib.util.spec_from_file_location("cdpo", ROOT / "05_train_cdpo.py")
     cdpo = importlib.util.module_from_spec(stage)
     stage.loader.exec_module(cdpo)

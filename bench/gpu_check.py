@@ -6,13 +6,17 @@ code, each line PASS, FAIL or SKIP against runs/memory_plan.py's prediction (REA
     torchrun --nproc_per_node 2 bench/gpu_check.py --shape tiny   # the same code on CPU/gloo
 
 Phases (a phase the plan says cannot fit this machine is a SKIP that prints the arithmetic):
-  full       full fine-tuning: common.load_for_training (rank 0 reads a bf16 checkpoint, FSDP2,
+  full       full fine-tuning: training.load_for_training (rank 0 reads a bf16 checkpoint, FSDP2,
              float32 masters, bf16 compute, activation checkpointing), 4 accumulated
-             micro-batches of 05's cDPO loss, common.sync_gradients, clip, fused AdamW
+             micro-batches of 05's cDPO loss, training.sync_gradients, clip, fused AdamW
   offload    the same with --cpu-offload (states in pinned host memory)
   lora       LoRA r16 on every projection over a bf16 frozen base, the same steps, then
-             common.save_model (LoRA merged in the gathered state dict) checked against W + s B A
-  sample     common.generate at --batch-size auto (common.auto_batch_size), 512-token prompts
+             training.save_model (LoRA merged in the gathered state dict) checked against W + s B A
+  sample     sampling.generate at --batch-size auto (sampling.auto_batch_size), 512-token prompts
+  resume     --resume on this device: a small LoRA model with dropout 0.1 (every step draws masks
+             from the GPU's generator) through training.optimize, 4 steps straight against 2, a
+             checkpoint, a fresh model and 2 more, with deterministic kernels: PASS when losses
+             and weights agree bit for bit (training.save_checkpoint holds every RNG state)
 Each line: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated) and, for full tuning, MFU
 = 6 x params x tokens/s / (peak bf16 FLOP/s x GPUs) (recompute not counted, as usual). A memory
 line passes when the measured peak is within 10% above the plan or below it. No weights are
@@ -34,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "runs"))
 import memory_plan  # noqa: E402
-from common import (adamw, auto_batch_size, clip_grad_norm, dist_init, dist_teardown,  # noqa: E402
-                    full_state_dict, generate, get_rank, load_for_training, load_model,
-                    peak_memory_gb, print0, save_model, sync_gradients, token_logps)
+from common import dist_init, dist_teardown, get_rank, load_model, print0, token_logps  # noqa: E402
+from sampling import auto_batch_size, generate  # noqa: E402
+from training import (adamw, clip_grad_norm, full_state_dict, load_for_training,  # noqa: E402
+                      optimize, peak_memory_gb, save_model, sync_gradients)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +50,8 @@ parser.add_argument("--shape", default="llama3-8b", choices=[*memory_plan.SHAPES
 parser.add_argument("--layers", type=int, default=0,
                     help="decoder layers (0 = the shape's); fewer keep the widths and kernels "
                          "but fit full tuning on a smaller machine")
-parser.add_argument("--phases", default="full,offload,lora,sample", help="comma-separated")
+parser.add_argument("--phases", default="full,offload,lora,sample,resume",
+                    help="comma-separated")
 parser.add_argument("--micro-batch-size", type=int, default=2, help="pairs per micro-batch")
 parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per step")
 parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
@@ -180,7 +186,50 @@ def sample_phase(args, shape, path, device) -> dict:
     return res
 
 
+def resume_phase(args, device) -> dict:
+    """Straight vs stopped-and-resumed LoRA training (module docstring); returns the losses of
+    both and the largest weight difference."""
+    from argparse import Namespace
+    from peft import LoraConfig
+    # with CUBLAS_WORKSPACE_CONFIG (main sets it); an op with no deterministic kernel warns
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    path = Path(args.workdir) / "resume_model"
+    if get_rank() == 0 and not (path / "config.json").exists():
+        random_checkpoint(TINY, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, TINY["vocab"], (16, 64), generator=g).to(device)  # 16 records
+
+    def run(out, stop_after, resume):
+        model = load_for_training(path, device, lora=LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"]))
+        opt = adamw(model, 1e-3, 0.0)
+
+        def nll(idx):
+            logps = token_logps(model, rows[idx], torch.ones_like(rows[idx]))  # (m, T-1)
+            return -logps.float().sum(), {"tokens": torch.tensor(rows[idx].numel(), device=device)}
+
+        cfg = Namespace(micro_batch_size=2, max_steps=4, epochs=1, lr=1e-3, warmup_steps=0,
+                        warmup_ratio=0.0, schedule="constant", seed=0, max_grad_norm=1.0,
+                        save_every=0, keep_checkpoints=1, stop_after=stop_after, resume=resume)
+        optimize(cfg, model, opt, len(rows), 8, nll, lambda batch: len(batch) * 63,
+                 ckpt=out / "checkpoints", metrics=out / "metrics.jsonl", model_dir=out)
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+        return losses, full_state_dict(model)
+
+    straight, w_straight = run(Path(args.workdir) / "straight", 0, False)
+    run(Path(args.workdir) / "cut", 2, False)
+    resumed, w_resumed = run(Path(args.workdir) / "cut", 0, True)
+    torch.use_deterministic_algorithms(False)
+    diff = max(((w_straight[k] - w_resumed[k]).abs().max().item() for k in w_straight),
+               default=0.0)
+    return {"straight": straight, "resumed": resumed, "max_weight_diff": diff}
+
+
 def main(args):
+    if "resume" in args.phases.split(","):  # before CUDA starts: cuBLAS reads it once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     rank, world, device = dist_init()
     on_gpu = device.type == "cuda"
     shape = dict(TINY if args.shape == "tiny" else memory_plan.SHAPES[args.shape])
@@ -209,6 +258,12 @@ def main(args):
             verdict = "PASS"
             line = (f"batch {res['batch']} (auto), {res['tokens_per_s']} new tokens/s, peak "
                     f"{res['peak_gb']} GB of {gpu_gb:.0f}")
+        elif phase == "resume":
+            res = resume_phase(args, device)
+            exact = res["straight"] == res["resumed"] and res["max_weight_diff"] == 0.0
+            verdict = "PASS" if exact else "FAIL"
+            line = (f"losses straight {res['straight']}, resumed {res['resumed']}, largest "
+                    f"weight difference {res['max_weight_diff']:.3g}")
         else:
             plan = memory_plan.plan(shape, world, 16 if lora else 0,
                                     memory_plan.ATTN + memory_plan.MLP if lora else [],

@@ -35,6 +35,16 @@ def tiny_llama(vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine lose a lot: a module that
+    uses only tiny models runs on one (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -1,5 +1,5 @@
-"""common.generate's KV cache (allocated once, written in place, compacted when a quarter of the
-batch has finished) and --batch-size auto (common.auto_batch_size). Tiny real models, no mocks.
+"""sampling.generate's KV cache (allocated once, written in place, compacted when a quarter of the
+batch has finished) and --batch-size auto (sampling.auto_batch_size). Tiny real models, no mocks.
 
   cache     step by step, the logits through _KVBuffer equal those through transformers'
             DynamicCache (the previous cache), also after dropping rows; the buffers are never
@@ -17,18 +17,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from common import (_kv_cache, auto_batch_size, batch_size_arg, encode_prompt, generate,
-                    kv_bytes_per_token, load_tokenizer, seed_for)
+from common import encode_prompt, load_tokenizer, seed_for
 from mathtext import STOP_STRINGS, format_prompt
 from real_parts import family_config
+from sampling import auto_batch_size, batch_size_arg, generate, kv_bytes_per_token, _kv_cache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gqa_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
@@ -56,7 +51,6 @@ def toy(toy_world):
     return model, tok, prompts
 
 
-# --------------------------------------------------------------------------------------------------
 # The cache
 
 
@@ -94,7 +88,6 @@ def test_kv_buffer_gives_the_logits_of_dynamic_cache():
     assert ours.get_seq_length() == ref.get_seq_length() == P + N - 1
 
 
-# --------------------------------------------------------------------------------------------------
 # generate
 
 
@@ -149,7 +142,6 @@ def test_samples_do_not_depend_on_the_batch_or_compaction(toy):
     assert any(full[i]["ids"] != full[i + 6]["ids"] for i in range(6))  # same prompt, other seed
 
 
-# --------------------------------------------------------------------------------------------------
 # --batch-size auto
 
 

@@ -5,12 +5,16 @@ import json
 import math
 import random
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
 
 import judge
-from conftest import load_stage
+import toyworld
+from conftest import load_stage, ROOT
+from mathtext import split_steps
 
 loc = load_stage("02_localize")
 STEP = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
@@ -82,6 +86,14 @@ def scripted(rates):
     return rate, probes
 
 
+def locate(n: int, success_rate, threshold: float = 0.0, scan: str = "binary"):
+    """The search of a Localization driven by an oracle success_rate(j) -> float: k or None."""
+    state = loc.Localization(n, threshold, scan)
+    while state.probe is not None:
+        state.update(success_rate(state.probe))
+    return state.k
+
+
 @pytest.mark.parametrize("rates, k_binary, k_linear", [
     ([1.0, 0.5, 0.5, 0.0, 0.0], 3, 3),  # monotone, k in the middle
     ([0.75, 0.0, 0.0, 0.0], 1, 1),  # k = 1: the first step already loses the answer
@@ -94,7 +106,7 @@ def test_scripted_rates(rates, k_binary, k_linear):
     n = len(rates)
     for scan, want in (("binary", k_binary), ("linear", k_linear)):
         rate, probes = scripted(rates)
-        k = loc.locate_first_wrong(n, rate, 0.0, scan)
+        k = locate(n, rate, 0.0, scan)
         assert k == want, (scan, probes)
         # whatever it returns is a transition: p_{k-1} recoverable, p_k not (or k = n)
         assert rates[k - 1] > 0 and (k == n or rates[k] == 0)
@@ -105,14 +117,14 @@ def test_scripted_rates(rates, k_binary, k_linear):
 def test_p0_zero_skips_after_one_probe():
     for scan in ("binary", "linear"):
         rate, probes = scripted([0.0, 1.0, 1.0])
-        assert loc.locate_first_wrong(3, rate, 0.0, scan) is None and probes == [0]
+        assert locate(3, rate, 0.0, scan) is None and probes == [0]
 
 
 def test_threshold():
     rates = [1.0, 0.5, 0.125, 0.0]
-    assert loc.locate_first_wrong(4, scripted(rates)[0], 0.0, "linear") == 3
-    assert loc.locate_first_wrong(4, scripted(rates)[0], 0.2, "linear") == 2
-    assert loc.locate_first_wrong(4, scripted(rates)[0], 0.2, "binary") == 2
+    assert locate(4, scripted(rates)[0], 0.0, "linear") == 3
+    assert locate(4, scripted(rates)[0], 0.2, "linear") == 2
+    assert locate(4, scripted(rates)[0], 0.2, "binary") == 2
 
 
 def test_binary_equals_linear_on_monotone_rates():
@@ -125,8 +137,8 @@ def test_binary_equals_linear_on_monotone_rates():
         rates[0] = max(rates[0], rng.choice([0.0, 0.5, 1.0]))
         rate_b, probes_b = scripted(rates)
         rate_l, _ = scripted(rates)
-        k = loc.locate_first_wrong(n, rate_b, threshold, "binary")
-        assert k == loc.locate_first_wrong(n, rate_l, threshold, "linear")
+        k = locate(n, rate_b, threshold, "binary")
+        assert k == locate(n, rate_l, threshold, "linear")
         first = next((j for j in range(n) if rates[j] <= threshold), n)  # first unrecoverable
         assert k == (None if first == 0 else first)
         assert len(probes_b) <= 1 + math.ceil(math.log2(n)) if n > 1 else len(probes_b) <= 1
@@ -139,26 +151,26 @@ def test_probe_count_bound_is_tight():
         worst = 0
         for k in range(1, n + 1):
             rate, probes = scripted([1.0] * k + [0.0] * (n - k))
-            assert loc.locate_first_wrong(n, rate, 0.0, "binary") == k
+            assert locate(n, rate, 0.0, "binary") == k
             worst = max(worst, len(probes))
         assert worst == 1 + math.ceil(math.log2(n)), n
 
 
 # -------------------------------------------------------------------------------------------------
-# The per-sample job and rectification
+# One sample's rounds (requests and rectification)
 
 
-def drive(job, answer):
-    """Run a localize_job; answer(j, r) gives the continuation text of rollout r of p_j."""
+def drive(state, answer, reaches):
+    """Run one Localization round by round, as 02's loop does; answer(j, r) gives the
+    continuation text of rollout r of p_j, reaches(j, text) whether it ends at the gold answer.
+    Returns ((k, conts, good), the requests made)."""
     requests = []
-    try:
-        req = next(job)
-        while True:
-            requests.append(req)
-            j, r0, count = req
-            req = job.send([answer(j, r) for r in range(r0, r0 + count)])
-    except StopIteration as stop:
-        return stop.value, requests
+    while (req := state.request()) is not None:
+        requests.append(req)
+        j, r0, count = req
+        got = [answer(j, r) for r in range(r0, r0 + count)]
+        state.take(j, got, [reaches(j, text) for text in got])
+    return (state.k, state.conts, state.good), requests
 
 
 def test_job_binary_search_and_reuse_of_p_k_minus_1():
@@ -167,7 +179,7 @@ def test_job_binary_search_and_reuse_of_p_k_minus_1():
     answer = lambda j, r: (f"Step {j + 1}: x{r % 2}\nStep {j + 2}: y\n"  # noqa: E731
                            f"The answer is {42 if j < 2 and r % 2 else 7}.")
     (k, conts, good), requests = drive(
-        loc.localize_job(4, 4, 32, 0.0, "binary", reaches), answer)
+        loc.Localization(4, 0.0, "binary", rollouts=4, budget=32), answer, reaches)
     assert k == 2 and requests == [(0, 0, 4), (2, 0, 4), (1, 0, 4)]
     assert len(good[1]) == 2  # p_{k-1} was probed by the search: its successes are reused
     chosen = loc.distinct_first_steps("Step 2: 5 + 1 = 7\n", good[1])
@@ -178,11 +190,11 @@ def test_job_with_judge_k_samples_more_only_when_needed():
     reaches = lambda j, text: "good" in text  # noqa: E731
     answer = lambda j, r: "Step 3: good\n" if r >= 13 else "Step 3: bad\n"
     (k, conts, good), requests = drive(
-        loc.localize_job(5, 4, 20, 0.0, "binary", reaches, k=3), answer)
+        loc.Localization(5, 0.0, "binary", rollouts=4, budget=20, k=3), answer, reaches)
     assert k == 3 and requests == [(2, 0, 4), (2, 4, 4), (2, 8, 4), (2, 12, 4)]
     assert len(conts[2]) == 16 and len(good[2]) == 3
     (k, conts, good), requests = drive(
-        loc.localize_job(5, 4, 10, 0.0, "binary", reaches, k=3), answer)
+        loc.Localization(5, 0.0, "binary", rollouts=4, budget=10, k=3), answer, reaches)
     assert requests[-1] == (2, 8, 2) and len(conts[2]) == 10 and good[2] == []  # budget holds
 
 
@@ -204,24 +216,53 @@ def test_oracle_first_wrong_step_on_toy_texts(toy_world):
     rng = random.Random(1)
     for line in list((toy_world / "00_toy" / "train.jsonl").open())[:100]:
         rec = json.loads(line)
-        split = loc.split_steps
+        split = split_steps
         m = len(rec["step_values"])
         assert len(split(toy_solution(rec))) == m  # "The answer is N." stays in the last step
-        assert loc.toy.first_wrong_step(split(toy_solution(rec)), rec["step_values"]) == m
+        assert toyworld.first_wrong_step(split(toy_solution(rec)), rec["step_values"]) == m
         wrong_end = toy_solution(rec).replace("The answer is", "The answer is 1")
-        assert loc.toy.first_wrong_step(split(wrong_end), rec["step_values"]) == m
+        assert toyworld.first_wrong_step(split(wrong_end), rec["step_values"]) == m
         extra = split(toy_solution(rec))
         extra[-1:] = [extra[-1].split("The")[0], f"Step {m + 1}: 1 + 1 = 2\nThe answer is 2."]
-        assert loc.toy.first_wrong_step(extra, rec["step_values"]) == m + 1
+        assert toyworld.first_wrong_step(extra, rec["step_values"]) == m + 1
         k, d = slip_for(rec, rng)
-        assert loc.toy.first_wrong_step(split(toy_solution(rec, slip=(k, d))),
-                                      rec["step_values"]) == k
+        assert toyworld.first_wrong_step(split(toy_solution(rec, slip=(k, d))),
+                                         rec["step_values"]) == k
         steps = split(toy_solution(rec))
         del steps[m - 1]  # the last step line is missing
-        assert loc.toy.first_wrong_step(steps, rec["step_values"]) == m
+        assert toyworld.first_wrong_step(steps, rec["step_values"]) == m
         steps = split(toy_solution(rec))
         steps[0] = steps[0].replace(" = ", " is ")  # malformed first step
-        assert loc.toy.first_wrong_step(steps, rec["step_values"]) == 1
+        assert toyworld.first_wrong_step(steps, rec["step_values"]) == 1
+
+
+# a real-model run in a fresh process: records without step_values
+NO_TOY = r"""
+import importlib.util, json, pathlib, sys
+root, out = sys.argv[1], pathlib.Path(sys.argv[2])
+sys.path.insert(0, root)
+spec = importlib.util.spec_from_file_location("loc", root + "/02_localize.py")
+loc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(loc)
+rec = {"id": "q", "prompt": "Q", "answer": "2", "samples": [
+    {"text": "Step 1: 1 + 1 = 3\nThe answer is 3.", "correct": False}]}
+s = {**loc.select_wrong_samples([rec], 2)[0], "steps": ["Step 1: 1 + 1 = 3\nThe answer is 3."],
+     "record": {"id": "q-s0"}}
+state = loc.Localization(1, k=1)
+state.take(0, [{"text": "Step 1: 1 + 1 = 2\nThe answer is 2."}], [True])
+loc.write_outputs(out, [loc.record_of(s, state)], [rec], {})
+assert json.loads((out / "summary.json").read_text())["pairs"] == 1
+assert "toyworld" not in sys.modules, "a real-model run imported the toy world"
+"""
+
+
+def test_real_runs_never_import_the_toy_world(tmp_path):
+    """No stage imports another, and 02 imports the toy oracle only for records that carry
+    step_values (toy runs): records of a real model are localized and written without it."""
+    r = subprocess.run([sys.executable, "-c", NO_TOY, str(ROOT), str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "importlib" not in (ROOT / "02_localize.py").read_text()
 
 
 # -------------------------------------------------------------------------------------------------

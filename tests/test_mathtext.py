@@ -1,6 +1,8 @@
 """mathtext: problem loading, prompts, step splitting, answer extraction and equivalence.
 
 Fixture files always run; the real GSM8K / MATH files in ../shared/data run when present."""
+import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -15,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import mathtext  # importable through conftest.py, which puts the repo root on sys.path
-from mathtext import (cut_at_stop, extract_answer, format_prompt, is_equiv, load_problems,
-                      split_steps)
+from mathtext import (add_template_arg, cut_at_stop, extract_answer, format_prompt, is_equiv,
+                      load_problems, pass_at_k, split_steps, TEMPLATES)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -34,7 +36,7 @@ def stops_with(capsys, fn, *args) -> str:
     return err
 
 
-# load_problems ------------------------------------------------------------------------------------
+# load_problems
 
 def test_load_gsm8k_format_fixture():
     probs = load_problems(str(FIXTURES / "gsm8k_small.jsonl"))
@@ -139,7 +141,7 @@ def test_extract_answer_recovers_every_real_math_gold_from_its_solution():
                 assert extract_answer(rec["solution"]) == rec["answer"].strip(), rec["unique_id"]
 
 
-# prompts ------------------------------------------------------------------------------------------
+# prompts
 
 def test_prompts_and_stop_strings(capsys):
     assert format_prompt("What is 2+2?") == "Question: What is 2+2?\nAnswer:"
@@ -170,7 +172,16 @@ def test_prompts_and_stop_strings(capsys):
     assert cut_at_stop("no stop here") == "no stop here"
 
 
-# split_steps --------------------------------------------------------------------------------------
+def test_template_flag():
+    parser = argparse.ArgumentParser()
+    add_template_arg(parser.add_argument_group("sampling"))
+    assert parser.parse_args([]).template == "plain"
+    assert all(parser.parse_args(["--template", t]).template == t for t in TEMPLATES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--template", "alpaca"])
+
+
+# split_steps
 
 def test_split_steps_rules():
     toy = " Step 1: 12 + 7 = 19\nStep 2: 19 - 4 = 15\nThe answer is 15."
@@ -194,7 +205,7 @@ def test_split_steps_joins_back_exactly_on_random_text():
         assert "".join(steps) == text and all(steps)
 
 
-# extract_answer -----------------------------------------------------------------------------------
+# extract_answer
 
 @pytest.mark.parametrize("text, want", [
     ("so $\\boxed{\\frac{1}{\\sqrt{2}}}$ and that is it", "\\frac{1}{\\sqrt{2}}"),
@@ -236,7 +247,27 @@ def test_extract_answer_is_linear_on_pathological_text():
     assert time.monotonic() - start < 2
 
 
-# is_equiv -----------------------------------------------------------------------------------------
+# pass_at_k
+
+
+def test_pass_at_k_by_hand():
+    # n=5 samples, c=2 right: pass@1 = 2/5; pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 3, 2) == 1.0 and pass_at_k(8, 0, 8) == 0.0
+
+
+@pytest.mark.parametrize("n, c", [(6, 0), (6, 1), (6, 3), (6, 6), (5, 2)])
+def test_pass_at_k_equals_the_share_of_k_subsets_with_a_right_sample(n, c):
+    samples = [1] * c + [0] * (n - c)
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(range(n), k))
+        brute = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+        assert pass_at_k(n, c, k) == pytest.approx(brute)
+
+
+# is_equiv
 
 EQUIVALENT = [
     ("\\dfrac{1}{2}", "\\frac12"), ("0.5", "\\frac{1}{2}"), ("1,000", "1000"), ("0.50", "0.5"),
@@ -304,7 +335,7 @@ def test_is_equiv_from_threads_and_forked_processes():
         assert pool.starmap(is_equiv, pairs) == want
 
 
-# real gold answers, written as a model would write them -------------------------------------------
+# real gold answers, written as a model would write them
 
 def model_rewrites(gold: str) -> list[str]:
     """Ways a model writes the same answer differently from the MATH gold."""

@@ -2,7 +2,7 @@
 its tokenizer is the GGUF's own BPE, and our batched generate picks the tokens transformers'
 generate picks.
 
-  greedy   common.generate(temperature 0) on 16 real GSM8K chat prompts in ONE left-padded batch
+  greedy   sampling.generate(temperature 0) on 16 real GSM8K chat prompts in ONE left-padded batch
            returns, row by row, the ids model.generate(do_sample=False) returns, up to and
            including the first end id (every eos id of the generation config, as HF stops)
   tokens   the saved tokenizer encodes like an independent byte-level BPE over the GGUF's own
@@ -43,8 +43,9 @@ def hf_end_ids(model) -> set[int]:
 def test_greedy_generate_equals_transformers(smollm2):
     """16 GSM8K test questions, chat template, one left-padded batch of prompts 56-140 tokens long,
     48 new tokens: our ids = HF's ids, row by row, up to each row's end."""
-    from common import encode_prompt, generate
+    from common import encode_prompt
     from mathtext import format_prompt, load_problems
+    from sampling import generate
     model, tok = smollm2
     problems = load_problems(str(GSM8K_64))[:16]
     prompts = [encode_prompt(tok, format_prompt(p["question"], "chat", tok)) for p in problems]

@@ -10,11 +10,11 @@ import sys
 import time
 
 import pytest
-import torch
 
-from common import encode_prompt, generate, load_model, load_tokenizer, seed_for
+from common import encode_prompt, load_model, load_tokenizer, seed_for
 from conftest import ROOT, load_stage, tiny_llama
 from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv
+from sampling import generate
 
 sample = load_stage("01_sample")
 evaluate = load_stage("07_eval")
@@ -32,13 +32,7 @@ def run_stage(stage, *argv):
     stage.main(stage.parser.parse_args([str(a) for a in argv]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 0.04M-parameter model gains nothing from threads, and on a busy machine loses a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +60,7 @@ def ref07(toy_world, tmp_path_factory):
     return out / "base"
 
 
-# -------------------------------------------------------------------------------------------------
-# common.generate: batching and seeds
+# sampling.generate: batching and seeds
 
 
 def test_batched_greedy_equals_one_at_a_time(toy):
@@ -96,7 +89,6 @@ def test_sampling_depends_on_the_seed_not_on_the_batch(toy):
     assert generate(model, tok, prompts[:1], [seeds[0] + 1], **kw)[0] != full[0]
 
 
-# -------------------------------------------------------------------------------------------------
 # 01_sample.py
 
 
@@ -178,7 +170,6 @@ def test_sample_tensor_parallel_equals_one_process(toy_world, tmp_path, ref01):
     assert summary["throughput"]["samples"] == 6 * 3  # counted once, not once per rank
 
 
-# -------------------------------------------------------------------------------------------------
 # 07_eval.py
 
 
@@ -270,16 +261,10 @@ def test_default_labels():
     assert evaluate.default_label("meta-llama/Meta-Llama-3-8B") == "Meta-Llama-3-8B"
 
 
-# -------------------------------------------------------------------------------------------------
 # Metrics against hand computations
 
 
-def test_pass_at_k_by_hand():
-    # n=5 samples, c=2 right: pass@1 = 2/5; pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10
-    assert evaluate.pass_at_k(5, 2, 1) == pytest.approx(0.4)
-    assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(0.7)
-    assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
-    assert evaluate.pass_at_k(4, 3, 2) == 1.0 and evaluate.pass_at_k(8, 0, 8) == 0.0
+def test_pass_at_k_sizes():  # pass_at_k itself: tests/test_mathtext.py
     assert evaluate.powers_of_two(8) == [1, 2, 4, 8] and evaluate.powers_of_two(6) == [1, 2, 4]
 
 
@@ -301,16 +286,16 @@ def test_majority_vote_groups_equal_answers():
     assert evaluate.majority([None, None]) is None
 
 
-# -------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit code 2, nothing written
 
 
 @pytest.mark.parametrize("stage", [sample, evaluate], ids=["01", "07"])
-@pytest.mark.parametrize("case", ["dataset", "model", "n", "empty"])
+@pytest.mark.parametrize("case", ["dataset", "model", "n", "greedy-n", "top-p", "empty"])
 def test_bad_input(stage, case, toy_world, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     bad = {"dataset": ["--data", "gsm9k"], "model": ["--model", tmp_path / "no_model"],
-           "n": ["--n", "0"], "empty": ["--data", tmp_path / "empty.jsonl"]}[case]
+           "n": ["--n", "0"], "greedy-n": ["--n", "2", "--temperature", "0"],
+           "top-p": ["--top-p", "0"], "empty": ["--data", tmp_path / "empty.jsonl"]}[case]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         run_stage(stage, "--run-dir", toy_world, "--out", out, *bad)

@@ -88,7 +88,6 @@ def test_weight_i_belongs_to_token_i():
         assert max(rel[:3]) < 1e-5 and rel[3] > 1e-2 and max(rel[4:]) > 1e-2
 
 
-# -------------------------------------------------------------------------------------------------
 # The toy world: two models with the toy tokenizer, real pairs
 
 

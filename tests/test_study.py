@@ -1,11 +1,12 @@
-"""08's critical-token rule and pass@k against hand-worked cases and brute force; 09's sweep table
-on result files written here."""
-import itertools
+"""08's critical-token rule against hand-worked cases and its --limit on a toy run; 09's sweep
+table on result files written here. (pass@k: tests/test_mathtext.py.)"""
 import json
 
 import pytest
 
+from common import encode_prompt, encode_response, load_tokenizer, read_jsonl
 from conftest import load_stage
+from mathtext import format_prompt
 
 study = load_stage("08_critical_tokens")
 report = load_stage("09_report")
@@ -30,13 +31,22 @@ def test_a_small_success_share_does_not_cancel():
     assert study.critical_position([10, 0, 4, 0], 64, 3 / 64) == 3
 
 
-@pytest.mark.parametrize("n, c", [(6, 0), (6, 1), (6, 3), (6, 6), (5, 2)])
-def test_pass_at_k_equals_the_share_of_k_subsets_with_a_right_sample(n, c):
-    samples = [1] * c + [0] * (n - c)
-    for k in range(1, n + 1):
-        subsets = list(itertools.combinations(range(n), k))
-        brute = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
-        assert study.pass_at_k(n, c, k) == pytest.approx(brute)
+@pytest.mark.parametrize("limit, studied", [(0, 3), (2, 2)])
+def test_limit_takes_the_first_k_answers_and_0_takes_all(toy_world, tmp_path, limit, studied):
+    """--limit K studies the first K rejected answers; 0 means all of them, as in every stage."""
+    tok = load_tokenizer(toy_world / "00_toy" / "model")
+    wrong = encode_response(tok, " Step 1: 1 + 1 = 3\nThe answer is 3.", eos=True)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(
+        {"id": f"p{i}", "prompt_ids": encode_prompt(tok, format_prompt(f"What is {i} + 1?")),
+         "rejected_ids": wrong, "rejected_weights": [0.5] * len(wrong), "answer": str(i + 1)})
+        + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    study.main(study.parser.parse_args([
+        "--run-dir", str(toy_world), "--data", str(data), "--out", str(out), "--limit", str(limit),
+        "--rollouts", "1", "--max-new-tokens", "4"]))
+    assert [r["id"] for r in read_jsonl(out / "answers.jsonl")] == [f"p{i}" for i in range(studied)]
+    assert json.loads((out / "study.json").read_text())["answers"] == studied
 
 
 def test_sweep_table_marks_each_methods_best_dev_config(tmp_path):

@@ -1,4 +1,5 @@
-"""00_toy.py: problems, tokenizer contract, saved model, and same seed -> same files and weights."""
+"""00_toy.py and toyworld.py: problems, prompt text, tokenizer contract, saved model, and same seed
+-> same files and weights."""
 import hashlib
 import json
 import re
@@ -7,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import toyworld
 from conftest import load_stage
-from mathtext import split_steps
+from mathtext import format_prompt, split_steps
 
 toy = load_stage("00_toy")
 STEP = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")
@@ -21,18 +23,18 @@ def records(run, split):
 
 
 def test_problems_are_deterministic_and_stable_in_n():
-    a = toy.make_split("test", 300, seed=0)
-    assert a == toy.make_split("test", 300, seed=0)
-    assert a[:50] == toy.make_split("test", 50, seed=0)  # ids and problems do not shift with n
-    assert a != toy.make_split("test", 300, seed=1)
-    assert toy.make_split("train", 50, seed=0) != a[:50]  # one stream per split
+    a = toyworld.make_split("test", 300, seed=0)
+    assert a == toyworld.make_split("test", 300, seed=0)
+    assert a[:50] == toyworld.make_split("test", 50, seed=0)  # same ids for any n
+    assert a != toyworld.make_split("test", 300, seed=1)
+    assert toyworld.make_split("train", 50, seed=0) != a[:50]  # one stream per split
     assert len({r["id"] for r in a}) == 300 and a[42]["id"] == "toy-test-00042"
 
 
 def test_answers_follow_the_question_and_stay_in_range():
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     counts = {"+": 0, "-": 0, "*": 0}
-    for r in toy.make_split("dev", 500, seed=3):
+    for r in toyworld.make_split("dev", 500, seed=3):
         lines = r["answer"].split("\n")
         steps = [STEP.fullmatch(line).groups() for line in lines[:-1]]
         assert 2 <= len(steps) <= 5 and lines[-1] == f"#### {r['step_values'][-1]}"
@@ -58,18 +60,22 @@ def test_prompt_response_format_and_first_wrong_step():
     r = {"question": "Mia has 12 marbles. She finds 7 more. She loses 4. How many marbles does "
                      "Mia have now?",
          "answer": "Step 1: 12 + 7 = 19\nStep 2: 19 - 4 = 15\n#### 15", "step_values": [19, 15]}
-    assert toy.prompt_of(r) == "Question: " + r["question"] + "\nAnswer:"
-    resp = toy.response_of(r)
+    # the prompt the toy model learns is byte for byte the one 01 and 07 send (mathtext's plain)
+    assert toyworld.prompt_of(r) == "Question: " + r["question"] + "\nAnswer:"
+    assert toyworld.prompt_of(r) == format_prompt(r["question"], "plain")
+    resp = toyworld.response_of(r)
     assert resp == " Step 1: 12 + 7 = 19\nStep 2: 19 - 4 = 15\nThe answer is 15."
     steps = split_steps(resp)
     assert steps == [" Step 1: 12 + 7 = 19\n", "Step 2: 19 - 4 = 15\nThe answer is 15."]
-    assert toy.step_is_right(steps[0], 1, [19, 15]) and toy.step_is_right(steps[1], 2, [19, 15])
-    assert not toy.step_is_right(steps[1], 1, [19, 15])  # right value, wrong step number
-    assert toy.first_wrong_step(split_steps(resp.replace("= 15", "= 16")), [19, 15]) == 2
-    assert toy.first_wrong_step(split_steps(resp.replace("= 19", "= 18")), [19, 15]) == 1
-    assert toy.first_wrong_step(split_steps(resp.replace("7 = 19", "7 is 19")), [19, 15]) == 1
-    assert toy.first_wrong_step(split_steps(" Step 1: 12 + 7 = 19\nThe answer is 19."),
-                                [19, 15]) == 2  # a missing step is the first wrong one
+    assert toyworld.step_is_right(steps[0], 1, [19, 15])
+    assert toyworld.step_is_right(steps[1], 2, [19, 15])
+    assert not toyworld.step_is_right(steps[1], 1, [19, 15])  # right value, wrong step number
+    assert toyworld.first_wrong_step(split_steps(resp.replace("= 15", "= 16")), [19, 15]) == 2
+    assert toyworld.first_wrong_step(split_steps(resp.replace("= 19", "= 18")), [19, 15]) == 1
+    assert toyworld.first_wrong_step(split_steps(resp.replace("7 = 19", "7 is 19")),
+                                     [19, 15]) == 1
+    assert toyworld.first_wrong_step(split_steps(" Step 1: 12 + 7 = 19\nThe answer is 19."),
+                                     [19, 15]) == 2  # a missing step is the first wrong one
 
 
 def test_tokenizer_contract(toy_world):
@@ -78,7 +84,7 @@ def test_tokenizer_contract(toy_world):
     assert set(tok.all_special_ids) == {0, 1, 2, 3}  # "\n" and "▁0".."▁9" are ordinary pieces
     recs = records(toy_world, "dev") + records(toy_world, "test")
     for r in recs:
-        p, resp = toy.prompt_of(r), toy.response_of(r)
+        p, resp = toyworld.prompt_of(r), toyworld.response_of(r)
         ip = tok(p, add_special_tokens=False).input_ids
         ir = tok(resp, add_special_tokens=False).input_ids
         assert tok.decode(ip + ir, skip_special_tokens=True) == p + resp  # (a)
@@ -86,11 +92,13 @@ def test_tokenizer_contract(toy_world):
         assert tok(p).input_ids == [1] + ip and 1 not in ip + ir  # (c) exactly one BOS
         assert tok.unk_token_id not in ip + ir
         assert tok.decode([1] + ip + ir + [2, 0, 0], skip_special_tokens=True) == p + resp
-    toy.check_tokenizer(tok, [toy.prompt_of(r) for r in recs], [toy.response_of(r) for r in recs])
+    toy.check_tokenizer(tok, [toyworld.prompt_of(r) for r in recs],
+                        [toyworld.response_of(r) for r in recs])
     # The legacy conversion (prefix space added, first space stripped on decode) must be caught.
     legacy = AutoTokenizer.from_pretrained(toy_world / "00_toy" / "model", add_prefix_space=True)
     with pytest.raises(AssertionError):
-        toy.check_tokenizer(legacy, [toy.prompt_of(recs[0])], [toy.response_of(recs[0])])
+        toy.check_tokenizer(legacy, [toyworld.prompt_of(recs[0])],
+                            [toyworld.response_of(recs[0])])
 
 
 def test_saved_model_reloads_from_safetensors(toy_world):
@@ -103,7 +111,7 @@ def test_saved_model_reloads_from_safetensors(toy_world):
     assert model.config.vocab_size == len(tok) and model.config.tie_word_embeddings
     g = model.generation_config
     assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == (1, 2, 0)
-    ids = torch.tensor([tok(toy.prompt_of(records(toy_world, "test")[0])).input_ids])
+    ids = torch.tensor([tok(toyworld.prompt_of(records(toy_world, "test")[0])).input_ids])
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
     assert [len(records(toy_world, s)) for s in ("train", "dev", "test")] == [300, 20, 20]
     summary = json.loads((out / "summary.json").read_text())

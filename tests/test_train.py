@@ -1,6 +1,6 @@
 """Training stages 03, 05, 06: the losses against hand and naive computations, weight alignment,
 the SFT selection rule, and the training invariants (ln 2 at step 0, gradient accumulation,
-resume, NaN guard), on tiny real models and toy-world texts made here."""
+resume with every RNG restored, NaN guard), on tiny real models and toy-world texts made here."""
 import json
 import math
 import random
@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import common
-from common import collate_pairs, encode_prompt, encode_response, reference_logps, token_logps
+import training
+from common import collate_pairs, encode_prompt, encode_response, token_logps
 from conftest import load_stage, tiny_llama
+from preference import reference_logps
 
 sft = load_stage("03_contrastive_sft")
 cdpo = load_stage("05_train_cdpo")
@@ -273,6 +274,31 @@ def test_stepdpo_loss_is_dpo_on_context_and_steps(run):
     torch.testing.assert_close(step_losses, torch.stack(naive), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("stage", ["05", "06"])
+def test_max_length_drops_pairs_and_stops_when_none_is_left(run, capsys, stage):
+    """05 and 06 share the --max-length filter: pairs longer than it are dropped and counted, and
+    a run with none left stops with one line."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(run / "00_toy/model")
+
+    def load(*flags):
+        if stage == "05":
+            return cdpo.load_pairs(run / "04_score_tokens/pairs.jsonl", args_for(cdpo, run, *flags))
+        return stepdpo.load_step_pairs(run / "02_localize/pairs.jsonl", tok,
+                                       args_for(stepdpo, run, *flags))
+
+    every = load()
+    longest = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
+                  for p in every)
+    kept = load("--max-length", longest - 1)
+    assert 0 < len(kept) < len(every)
+    assert f"dropped {len(every) - len(kept)} pairs longer than --max-length" in \
+        capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        load("--max-length", 5)
+    assert e.value.code == 2 and "no pairs left to train on" in capsys.readouterr().err
+
+
 def test_step_with_eos_text_is_refused(run, tmp_path, capsys):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(run / "00_toy/model")
@@ -406,7 +432,7 @@ def test_gradient_accumulation_equals_one_big_batch(run, tmp_path, stage, monkey
     first step is ~lr * sign(g) and would turn float noise in near-zero gradients into lr-sized
     differences."""
     mod = cdpo if stage == "05" else sft
-    monkeypatch.setattr(common, "adamw", lambda model, lr, wd: torch.optim.SGD(
+    monkeypatch.setattr(training, "adamw", lambda model, lr, wd: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=lr))
     final = {}
     for mbs in (8, 2):
@@ -451,6 +477,53 @@ def test_resume_equals_straight_run(run, tmp_path, monkeypatch):
     wa, wb = weights(tmp_path / "straight" / "model"), weights(out / "model")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_checkpoint_restores_every_generator(tmp_path):
+    """A checkpoint holds the state of every generator a training step draws from (torch's CPU
+    generator, Python's random and, on a GPU, the device's generator), and load_checkpoint
+    restores them over the reseeding a restart does (load_for_training seeds LoRA's init)."""
+    model = tiny_llama()
+    opt = training.adamw(model, 1e-3, 0.0)
+    cuda = torch.cuda.is_available()
+
+    def draws():
+        return (torch.rand(4).tolist(), random.random(),
+                torch.rand(4, device="cuda").tolist() if cuda else None)
+
+    torch.manual_seed(1), random.seed(1)
+    training.save_checkpoint(tmp_path, model, opt, step=3)
+    expected = draws()
+    torch.manual_seed(0), random.seed(0)  # a restart (torch.manual_seed seeds the GPUs too)
+    assert training.load_checkpoint(tmp_path, model, opt) == 3
+    assert draws() == expected
+
+
+def test_lora_dropout_stop_and_resume_equals_straight(run, tmp_path, monkeypatch):
+    """03 with LoRA (dropout 0.1: every step draws dropout masks) stopped after step 2 and
+    resumed gives the straight run's losses and weights, bit for bit on CPU. A resume that does
+    not restore the RNG states (the GPU's were not checkpointed before) draws step 0's masks
+    again at step 2 and ends elsewhere: the comparison can tell."""
+    import shutil
+    sft_args = ["--which", "pos", "--lora-r", 4, "--lr", 1e-2, "--max-steps", 4,
+                "--batch-size", 8, "--micro-batch-size", 4]
+    straight, cut, unrestored = tmp_path / "straight", tmp_path / "cut", tmp_path / "unrestored"
+    sft.main(args_for(sft, run, "--out", straight, *sft_args))
+    sft.main(args_for(sft, run, "--out", cut, *sft_args, "--stop-after", 2))
+    assert not (cut / "pos").exists() and len(metrics(cut / "metrics_pos.jsonl")) == 2
+    shutil.copytree(cut, unrestored)
+    sft.main(args_for(sft, run, "--out", cut, *sft_args, "--resume"))
+    with monkeypatch.context() as m:
+        m.setattr(training, "set_rng_state", lambda state: None)
+        sft.main(args_for(sft, run, "--out", unrestored, *sft_args, "--resume"))
+
+    loss = lambda out: [r["loss"] for r in metrics(out / "metrics_pos.jsonl")]  # noqa: E731
+    assert loss(cut) == loss(straight)
+    a, b = weights(straight / "pos"), weights(cut / "pos")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loss(unrestored)[:2] == loss(straight)[:2]
+    assert abs(loss(unrestored)[2] - loss(straight)[2]) > 1e-6 * loss(straight)[2], \
+        "dropout made no difference: the test would not notice a lost RNG state"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_save(run, tmp_path, monkeypatch, capsys):
