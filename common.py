@@ -16,7 +16,8 @@ checkpoints). This file holds what nearly every stage needs:
                (each chunk over the full vocabulary)
   batches      collate_pairs: (prompt, chosen, rejected, weights, reference log-probs) -> (2B, T)
   models       load_tokenizer / load_model (safetensors only; --tp: tensor parallel)
-  flags        add_model_args: --bf16, --tp, --trust-remote-code of the inference stages
+  flags        add_run_args (--run-dir, --model, --data, --out, --limit, --seed) and
+               add_model_args (--bf16, --tp, --trust-remote-code of the inference stages)
 """
 import datetime
 import functools
