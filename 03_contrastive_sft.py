@@ -61,11 +61,12 @@ from pathlib import Path
 
 import torch
 
+from batches import pack_rows, pad_right
 from common import (add_run_args, dist_init, dist_teardown, encode_prompt, encode_response, fail,
-                    load_tokenizer, pad_right, print0, read_jsonl, seed_for, token_logps,
-                    write_json, write_jsonl)
-from training import (add_training_args, check_batch, fit_batch, optimize, save_model,
-                      training_policy)
+                    load_tokenizer, print0, read_jsonl, seed_for, token_logps, write_json,
+                    write_jsonl)
+from training import (add_training_args, batch_layout, check_batch, fit_batch, optimize,
+                      save_model, training_policy)
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,14 +109,21 @@ def select_examples(samples: list[dict], rng: random.Random, pos_top_k: int = 1,
     return positive, negative, pair
 
 
-def collate_sft(examples: list[dict], pad_id: int) -> dict:
-    """Right-padded input_ids, attention_mask (B, T) and loss_mask (B, T-1): 1 on the columns of
-    token_logps that score a response token (response token j of prompt length P: column P+j-1)."""
+def collate_sft(examples: list[dict], pad_id: int, packed: bool = False,
+                row_tokens: int = 0) -> dict:
+    """loss_mask (B, T-1): 1 on the columns of token_logps that score a response token (response
+    token j of prompt length P: column P+j-1) in the right-padded layout, and the model's input:
+    that layout, input_ids and attention_mask (B, T), or with packed=True the examples packed into
+    rows of up to row_tokens tokens (batches.pack_rows; token_logps unpacks the log-probs)."""
     rows = [e["prompt_ids"] + e["response_ids"] for e in examples]
     masks = [[0.0] * (len(e["prompt_ids"]) - 1) + [1.0] * len(e["response_ids"]) for e in examples]
-    return {"input_ids": pad_right(rows, pad_id),
-            "attention_mask": pad_right([[1] * len(r) for r in rows], 0),
-            "loss_mask": pad_right(masks, 0.0)}
+    if packed:
+        b = pack_rows([(e["prompt_ids"], [e["response_ids"]]) for e in examples], pad_id,
+                      row_tokens, max(map(len, rows)))
+    else:
+        b = {"input_ids": pad_right(rows, pad_id),
+             "attention_mask": pad_right([[1] * len(r) for r in rows], 0)}
+    return {**b, "loss_mask": pad_right(masks, 0.0)}
 
 
 def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, name: str,
@@ -124,13 +132,14 @@ def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, na
     out/<name>; returns its figures, or None when --stop-after ended the run early."""
     _, _, device = dist_init()  # already joined by main(): this only returns them
     model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.1)
+    layout = batch_layout(args, model)
 
     def nll(idx: list[int]):
         """Summed NLL of the response tokens of examples[idx], and the input tokens."""
         b = {k: v.to(device) for k, v in
-             collate_sft([examples[i] for i in idx], tok.pad_token_id).items()}
+             collate_sft([examples[i] for i in idx], tok.pad_token_id, **layout).items()}
         with amp:
-            logps = token_logps(model, b["input_ids"], b["attention_mask"])  # (m, T-1)
+            logps = token_logps(model, b)  # (m, T-1), the padded layout's columns
         return -(logps.float() * b["loss_mask"]).sum(), {"tokens": b["attention_mask"].sum()}
 
     def response_tokens(batch: list[int]) -> int:  # the loss: mean over these tokens

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from common import (add_model_args, add_run_args, barrier, collate_pairs, dist_init, dist_teardown,
-                    encode_prompt, encode_response, fail, load_model, load_tokenizer, position_ids,
-                    print0, read_jsonl, write_json, write_text)
+from batches import collate_pairs
+from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, encode_prompt,
+                    encode_response, fail, load_model, load_tokenizer, position_ids, print0,
+                    read_jsonl, write_json, write_text)
 from sampling import file_stamp, Progress, resume_share
 
 parser = argparse.ArgumentParser(description=__doc__,

@@ -11,9 +11,12 @@ penalty) and w^c = 1 (the released default; --weight-chosen uses chosen_weights 
 per-position loss (`cdpo_position_loss`, PAPERS.md A3 and D1) for fidelity studies.
 
 The reference is the initial policy, scored once in a no-grad pass before the first update, so one
-model is in memory. Chosen and rejected go through one concatenated (2B, T) forward. The training
-run around the loss (reference pass, optimizer steps, checkpoints, metrics) is
-preference.train_preference, which 06 shares.
+model is in memory. Each pair is one sequence, prompt then chosen then rejected, the prompt computed
+once, each response masked from the other, pairs packed into rows without padding between them
+(--layout packed, batches.pack_rows); --layout padded is the classic (2B, T) batch of right-padded
+prompt + response rows. Both give the loss the same (2B, T-1) log-probs. The training run around
+the loss (reference pass, optimizer steps, checkpoints, metrics) is preference.train_preference,
+which 06 shares.
 
 Reads   <run-dir>/04_score_tokens/pairs.jsonl  (id, prompt_ids, chosen_ids, rejected_ids,
                                                 chosen_weights, rejected_weights)
@@ -83,8 +86,9 @@ def cdpo_loss(policy_logps, ref_logps, weights, beta: float):
         r_b    = beta * sum_t w_bt * D_bt                  (the implicit reward of response b)
         L_b    = -log sigmoid(r^chosen_b - r^rejected_b)
 
-    policy_logps, ref_logps: (2B, T-1) float32 per-token log-probs of one concatenated batch,
-        rows 0..B-1 chosen, B..2B-1 rejected (common.collate_pairs layout, token_logps columns).
+    policy_logps, ref_logps: (2B, T-1) float32 per-token log-probs in the padded layout, rows
+        0..B-1 chosen, B..2B-1 rejected (batches.collate_pairs, token_logps columns; a packed
+        batch's log-probs come back in these rows and columns).
     weights: (2B, T-1) token weights, zero outside the responses (so they are also the mask):
         cDPO: 1 on chosen tokens, 1 - p_CE on rejected ones; DPO: 1 on every response token.
     Returns per-pair losses (B,) (the caller averages over the global batch) and the rewards
@@ -128,6 +132,9 @@ def load_pairs(path: Path, args) -> list[dict]:
         need["chosen_weights"] = list
     pairs = []
     for rec in read_jsonl(path, required=need)[:args.limit or None]:
+        if not rec["prompt_ids"]:
+            fail(f"{path}: pair '{rec['id']}': empty prompt_ids (a response's first token is "
+                 "scored from the prompt's last one)")
         for side in ("chosen", "rejected"):
             if not rec[f"{side}_ids"]:
                 fail(f"{path}: pair '{rec['id']}': empty {side}_ids")

@@ -67,8 +67,10 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def step_dpo_loss(policy_logps, ref_logps, step_mask, beta: float):
     """Sigmoid DPO on summed step log-probs.
 
-    policy_logps, ref_logps: (2B, T-1) float32 per-token log-probs of one concatenated batch
-        (rows 0..B-1 the winning steps, B..2B-1 the losing ones, each after its shared context).
+    policy_logps, ref_logps: (2B, T-1) float32 per-token log-probs in the padded layout (rows
+        0..B-1 the winning steps, B..2B-1 the losing ones, each after its shared context; with
+        --layout packed the context is computed once and the log-probs come back in these
+        rows and columns).
     step_mask: (2B, T-1) 1 on the columns that score a step token, 0 on context and padding.
     Returns per-pair losses (B,) and the rewards beta * log(pi_theta / pi_ref) of s_win and
     s_lose (B,), detached.
@@ -101,6 +103,9 @@ def load_step_pairs(path: Path, tok, args) -> list[dict]:
         if pair is None:
             seams += 1
             continue
+        if not pair["prompt_ids"]:
+            fail(f"{path}: pair '{rec['id']}': empty prompt and prefix (a step's first token is "
+                 "scored from the context's last one)")
         for side in ("chosen", "rejected"):
             if not pair[f"{side}_ids"]:
                 fail(f"{path}: pair '{rec['id']}': empty {side} step")

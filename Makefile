@@ -30,7 +30,7 @@ test: .venv/done
 bench: .venv/done
 	$(PY) bench/bench_logps.py
 	$(PY) bench/bench_sampling.py
-	$(PY) bench/bench_dpo_step.py
+	$(PY) bench/bench_dpo_step.py --layouts padded,packed
 	$(PY) bench/bench_localize.py
 	$(PY) bench/bench_generate.py --threads 2
 

@@ -1,9 +1,10 @@
-"""Shared mechanisms of the pipeline: processes, files, tokens, log-probs, batches, models.
+"""Shared mechanisms of the pipeline: processes, files, tokens, log-probs, models.
 
 No algorithms live here: the losses, selection rules, token scoring and step localization are in
-full view in their stages. Two modules beside this one hold what only some stages share:
-sampling.py (generation and the long record-by-record stages) and training.py (FSDP2, optimizer,
-checkpoints). This file holds what nearly every stage needs:
+full view in their stages. Three modules beside this one hold what only some stages share:
+sampling.py (generation and the long record-by-record stages), training.py (FSDP2, optimizer,
+checkpoints) and batches.py (the padded and packed batch layouts). This file holds what nearly
+every stage needs:
 
   errors       fail(msg): one clear line on stderr and exit code 2 (bad input is never a traceback)
   processes    dist_init / dist_teardown / print0 / all_reduce_sum: same code under python or
@@ -13,8 +14,7 @@ checkpoints). This file holds what nearly every stage needs:
   tokens       encode_prompt / encode_response / encode_steps (tokenized apart, BOS as the
                tokenizer adds it, EOS = the end id the model wrote)
   log-probs    token_logps: the one place where the label shift happens, chunked over positions
-               (each chunk over the full vocabulary)
-  batches      collate_pairs: (prompt, chosen, rejected, weights, reference log-probs) -> (2B, T)
+               (each chunk over the full vocabulary), for padded and packed batches alike
   models       load_tokenizer / load_model (safetensors only; --tp: tensor parallel)
   flags        add_run_args (--run-dir, --model, --data, --out, --limit, --seed) and
                add_model_args (--bf16, --tp, --trust-remote-code of the inference stages)
@@ -31,6 +31,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 import torch.distributed as dist
+
+from batches import packed_attention_mask
 
 
 # Errors
@@ -246,11 +248,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     Forward keeps only the (B, T-1) result; backward rebuilds softmax chunk by chunk from the
     logits: d/dz (z[y] - lse(z)) = onehot(y) - softmax(z). Peak memory beyond the logits is one
     float32 chunk, never a float32 (B, T, V) copy.
+
+    Column t scores targets[:, t] from the logits at position t, except at the few `rescored`
+    (rows, cols, sources) slots, scored from position `sources` instead: in a shared-context
+    row the rejected response's first token follows the chosen response in the row but the
+    context in its sequence (pack_rows).
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, chunk):  # logits (B, T, V), targets (B, T-1)
-        # Position t scores targets[:, t] = input_ids[:, t+1]; the last position predicts nothing.
+    def forward(ctx, logits, targets, chunk, rescored):  # logits (B, T, V), targets (B, T-1)
         # Taking the full logits (not a logits[:, :-1] view) spares a (B, T, V) zero-fill in the
         # slice's backward: our gradient is the only logits-sized buffer we add.
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
@@ -258,87 +264,74 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             z = logits[:, s:e].float()  # (B, c, V)
             out[:, s:e] = z.gather(-1, targets[:, s:e, None]).squeeze(-1) - torch.logsumexp(z, -1)
             del z
-        ctx.save_for_backward(logits, targets)
+        rows, cols, srcs = rescored  # (n,) each; n = 0 in a padded batch
+        if len(rows):
+            z = logits[rows, srcs].float()  # (n, V)
+            out[rows, cols] = z.gather(-1, targets[rows, cols, None]).squeeze(-1) \
+                - torch.logsumexp(z, -1)
+        ctx.save_for_backward(logits, targets, rows, cols, srcs)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (B, T-1)
-        logits, targets = ctx.saved_tensors
+        logits, targets, rows, cols, srcs = ctx.saved_tensors
         grad = torch.empty_like(logits)  # (B, T, V)
         grad[:, -1] = 0
+        if len(rows):  # a rescored column's gradient goes to its source position (below)
+            g_slots, grad_out = grad_out[rows, cols].float()[:, None], grad_out.clone()
+            grad_out[rows, cols] = 0
         for s, e in _spans(targets.shape[1], ctx.chunk):
             g_out = grad_out[:, s:e, None].float()  # (B, c, 1)
             g = torch.softmax(logits[:, s:e].float(), -1).mul_(-g_out)  # (B, c, V)
             g.scatter_add_(-1, targets[:, s:e, None], g_out)
             grad[:, s:e] = g
             del g
-        return grad, None, None
+        if len(rows):
+            g = torch.softmax(logits[rows, srcs].float(), -1).mul_(-g_slots)  # (n, V)
+            g.scatter_add_(-1, targets[rows, cols, None], g_slots)
+            grad.index_put_((rows, srcs), g.to(grad.dtype), accumulate=True)
+        return grad, None, None, None
 
 
-def token_logps(model, input_ids, attention_mask, chunk_bytes: int = 1 << 30) -> torch.Tensor:
-    """Float32 log-prob of each next token given its prefix:
+def token_logps(model, batch: dict, chunk_bytes: int = 1 << 30) -> torch.Tensor:
+    """Float32 log-prob of each next token given the tokens before it in its own sequence:
     out[b, t] = log p(x[b, t+1] | x[b, :t+1]).
 
-    input_ids, attention_mask: (B, T), 0/1 mask, left or right padding. Returns (B, T-1),
-    differentiable; positions whose target or context token is padding are 0. Position ids
-    follow the mask, so a sequence scores the same whatever padding its batch needs. This is the
-    only label shift in the project: callers mask and reduce (sum for DPO, weighted sum for cDPO,
-    span for Step-DPO). Chunks: at most 1/8 of the positions and at most chunk_bytes of float32
-    (B, c, V) each: the extra memory stays under 1/8 of float32 logits, in 8 chunks of a few
-    kernels each where the budget allows (B 4 x T 1024 at vocabulary 128,256: 8 chunks of 0.25 GB).
+    batch: a padded batch {input_ids, attention_mask} (B, T), 0/1 mask, left or right padding
+    (position ids follow the mask, so a sequence scores the same whatever padding its batch
+    needs); or a packed one from pack_rows (collate_pairs / collate_sft with packed=True): its
+    rows hold several sequences, logits are computed only where a response token is scored,
+    and the log-probs come back in the padded layout's rows and columns, response columns only.
+    Returns (B, T-1), differentiable; positions whose target or context token is padding are 0
+    (in a packed batch: every column but the responses'). This is the only label shift in the
+    project: callers mask and reduce (sum for DPO, weighted sum for cDPO, span for Step-DPO).
+    Chunks: at most 1/8 of the positions and at most chunk_bytes of float32 (B, c, V) each: the
+    extra memory stays under 1/8 of float32 logits, in 8 chunks of a few kernels each where the
+    budget allows (B 4 x T 1024 at vocabulary 128,256: 8 chunks of 0.25 GB).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask), use_cache=False).logits  # (B, T, V)
-    B, T, V = logits.shape
-    chunk = max(1, min(math.ceil((T - 1) / 8), chunk_bytes // (4 * B * V)))  # positions per chunk
-    logps = _ChunkedTokenLogps.apply(logits, input_ids[:, 1:], chunk)  # (B, T-1)
-    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()  # (B, T-1)
+    ids, real = batch["input_ids"], batch["attention_mask"]  # (R, L)
+    if "unpack" in batch:  # packed: logits for the last K positions of each row
+        K = batch["source"].shape[1] + 1
+        attention = packed_attention_mask(model, batch["seq_doc"], batch["seq_branch"],
+                                          batch["position_ids"])
+        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=K,
+                       position_ids=batch["position_ids"], use_cache=False).logits  # (R, K, V)
+        rescored = (batch["source"] != torch.arange(K - 1, device=ids.device)).nonzero(
+            as_tuple=True)
+        rescored = (*rescored, batch["source"][rescored])
+    else:
+        logits = model(input_ids=ids, attention_mask=real, position_ids=position_ids(real),
+                       use_cache=False).logits  # (B, T, V)
+        rescored = (torch.empty(0, dtype=torch.long, device=ids.device),) * 3
+    B, K, V = logits.shape
+    chunk = max(1, min(math.ceil((K - 1) / 8), chunk_bytes // (4 * B * V)))  # positions per chunk
+    logps = _ChunkedTokenLogps.apply(logits, ids[:, ids.shape[1] - K + 1:], chunk, rescored)
+    if "unpack" in batch:  # (R, K-1) -> the padded layout's (rows, T-1), 0 outside responses
+        idx = batch["unpack"]
+        return torch.where(idx >= 0, logps.flatten()[idx.clamp(min=0)], 0.0)
+    valid = real[:, :-1].bool() & real[:, 1:].bool()  # (B, T-1)
     return torch.where(valid, logps, torch.zeros_like(logps))
-
-
-# Batches
-def pad_right(seqs: list[list], value) -> torch.Tensor:
-    """(B, T) tensor of the sequences right-padded with `value`."""
-    T = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [value] * (T - len(s)) for s in seqs])
-
-
-def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
-    """Preference pairs -> one concatenated batch: rows 0..B-1 chosen, rows B..2B-1 rejected.
-
-    Each pair holds token ids `prompt_ids`, `chosen_ids`, `rejected_ids` and optionally per-token
-    `chosen_weights` / `rejected_weights` and reference log-probs `ref_chosen_logps` /
-    `ref_rejected_logps` (see preference.reference_logps), each aligned one to one with the
-    response ids.
-    Response token j sits at input position P+j (P = len(prompt_ids)); its log-prob is column
-    P+j-1 of token_logps, so its weight and reference log-prob go to that column. Returns
-    input_ids, attention_mask (2B, T), loss_mask, weights (and ref_logps when every pair has
-    them) (2B, T-1), float32, zero outside the responses.
-    """
-    rows, loss_masks, weights, refs = [], [], [], []
-    for side in ("chosen", "rejected"):
-        for p in pairs:
-            prompt, resp = p["prompt_ids"], p[f"{side}_ids"]
-            w = p.get(f"{side}_weights") or [1.0] * len(resp)
-            assert len(w) == len(resp), f"{p.get('id')}: {side}_weights not aligned with ids"
-            rows.append(prompt + resp)
-            P = len(prompt)
-            loss_masks.append([0.0] * (P - 1) + [1.0] * len(resp))
-            weights.append([0.0] * (P - 1) + [float(x) for x in w])
-            if p.get(f"ref_{side}_logps") is not None:
-                ref = p[f"ref_{side}_logps"]
-                assert len(ref) == len(resp), f"{p.get('id')}: ref_{side}_logps not aligned"
-                refs.append([0.0] * (P - 1) + list(ref))
-    input_ids = pad_right(rows, pad_id)
-    attention_mask = pad_right([[1] * len(r) for r in rows], 0)
-    T = input_ids.shape[1]
-    pad_t = lambda xs: torch.tensor([x + [0.0] * (T - 1 - len(x)) for x in xs])  # noqa: E731
-    out = {"input_ids": input_ids, "attention_mask": attention_mask,
-           "loss_mask": pad_t(loss_masks), "weights": pad_t(weights)}
-    if len(refs) == len(rows):
-        out["ref_logps"] = pad_t(refs)
-    return out
 
 
 # Models: Hugging Face format, safetensors only

@@ -7,7 +7,9 @@ The losses are not here: each stage passes its own in.
   train_preference  reference pass, then training.optimize over pairs with the stage's loss
 
 A pair is {id, prompt_ids, chosen_ids, rejected_ids} plus optional chosen_weights /
-rejected_weights parallel to the response ids (common.collate_pairs lays them out).
+rejected_weights parallel to the response ids (batches.collate_pairs lays them out: packed, the
+prompt once per pair, or padded, --layout). The reference pass and the training forwards use the
+same layout, so policy and reference agree to the bit at step 0.
 """
 import contextlib
 import math
@@ -16,13 +18,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (collate_pairs, dist_init, fail, get_rank, get_world, print0, token_logps)
-from training import optimize
+from batches import collate_pairs
+from common import dist_init, fail, get_rank, get_world, print0, token_logps
+from training import batch_layout, optimize
 
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, device,
-                    autocast=None) -> list[tuple[list[float], list[float]]]:
+                    autocast=None, layout: dict | None = None) -> list[tuple[list, list]]:
     """Per pair, the float32 log-probs of its chosen and rejected response tokens under `model`.
 
     Called with the initial policy before the first update, this is DPO's reference model in a
@@ -30,7 +33,8 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
     pairs r, r+W, ... and the results are shared; every rank runs the same number of forwards
     (FSDP gathers each layer collectively), a rank with nothing left scoring a dummy batch.
     `autocast`: the context manager the training forward runs under (bf16 in one process), so
-    that policy and reference agree at step 0. Returns [(chosen logps, rejected logps)] in order.
+    that policy and reference agree at step 0; `layout`: collate_pairs' layout keywords, the
+    training forward's. Returns [(chosen logps, rejected logps)] in order.
     """
     rank, world = get_rank(), get_world()
     was_training = model.training
@@ -42,10 +46,9 @@ def reference_logps(model, pairs: list[dict], pad_id: int, batch_size: int, devi
         idx = mine[k * batch_size:(k + 1) * batch_size]
         batch = [pairs[i] for i in idx] or pairs[:1]  # dummy keeps collective forwards in step
         b = collate_pairs([{f: p[f] for f in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                           for p in batch], pad_id)
+                           for p in batch], pad_id, **(layout or {}))
         with autocast or contextlib.nullcontext():
-            lp = token_logps(model, b["input_ids"].to(device),
-                             b["attention_mask"].to(device)).float().cpu()  # (2b, T-1)
+            lp = token_logps(model, {k: v.to(device) for k, v in b.items()}).float().cpu()
         for j, i in enumerate(idx):
             p, P = pairs[i], len(pairs[i]["prompt_ids"]) - 1  # column of response token 0
             out[i] = (lp[j, P:P + len(p["chosen_ids"])].tolist(),
@@ -88,7 +91,9 @@ def train_preference(args, model, opt, autocast, tok, pairs: list[dict], B: int,
 
     # the reference: the policy before its first update, scored once (no-grad)
     t0 = time.time()
-    ref = reference_logps(model, pairs, tok.pad_token_id, args.micro_batch_size, device, autocast)
+    layout = batch_layout(args, model)
+    ref = reference_logps(model, pairs, tok.pad_token_id, args.micro_batch_size, device, autocast,
+                          layout)
     for p, (ref_c, ref_r) in zip(pairs, ref):
         p["ref_chosen_logps"], p["ref_rejected_logps"] = ref_c, ref_r
     print0(f"reference log-probs of {len(pairs)} pairs in {time.time() - t0:.1f}s")
@@ -96,9 +101,9 @@ def train_preference(args, model, opt, autocast, tok, pairs: list[dict], B: int,
     def pair_loss(idx: list[int]):
         """Summed loss of pairs[idx], and the sums that metrics.jsonl reports as means."""
         b = {k: v.to(device) for k, v in
-             collate_pairs([pairs[i] for i in idx], tok.pad_token_id).items()}
+             collate_pairs([pairs[i] for i in idx], tok.pad_token_id, **layout).items()}
         with autocast:
-            logps = token_logps(model, b["input_ids"], b["attention_mask"])  # (2m, T-1)
+            logps = token_logps(model, b)  # (2m, T-1), the padded layout's columns
         losses, r_c, r_r = loss_fn(logps.float(), b["ref_logps"], b)  # (m,) each
         return losses.sum(), {"reward_acc": (r_c > r_r).sum(), "chosen_reward": r_c.sum(),
                               "rejected_reward": r_r.sum(), "tokens": b["attention_mask"].sum()}

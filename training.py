@@ -2,7 +2,8 @@
 No losses here: each stage brings its own.
 
   flags        add_training_args (one vocabulary for the three training stages), warmup_steps,
-               check_batch, fit_batch
+               check_batch, fit_batch, batch_layout (--layout packed, or padded where the
+               model's attention cannot take the packed rows' mask)
   model        training_policy -> load_for_training: rank 0 reads the checkpoint, FSDP2 per decoder
                layer (shard_model), optional LoRA (peft), bf16 and activation checkpointing
   optimizer    adamw (decay on matrices only), lr_at (warmup, cosine or linear decay),
@@ -26,8 +27,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from batches import packing_unsupported
 from common import (all_reduce_sum, barrier, dist_init, fail, get_rank, get_world, load_model,
                     print0, read_jsonl, seed_for, write_json, write_jsonl)
+
 
 
 def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_batch_size: int,
@@ -55,6 +58,16 @@ def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_
     g.add_argument("--max-length", type=int, default=max_length,
                    help="drop records longer than this many tokens, prompt + response "
                         "(%(default)s)")
+    g = parser.add_argument_group("batch layout")
+    g.add_argument("--layout", default="packed", choices=["packed", "padded"],
+                   help="packed (default): each pair's context once, then both responses, "
+                        "records packed into rows without padding between them; padded: one "
+                        "right-padded row per response (the classic layout; the fallback where "
+                        "the attention takes no custom mask)")
+    g.add_argument("--row-tokens", type=int, default=0,
+                   help="packed rows hold up to this many tokens (0, the default: as many as "
+                        "the micro-batch's longest record). Longer rows pack tighter, but "
+                        "attention under a mask costs row length squared: BENCHMARKS.md")
     g = parser.add_argument_group("scale")
     g.add_argument("--lora-r", type=int, default=0, help="LoRA rank (alpha 2r); 0 = full tuning")
     g.add_argument("--bf16", action="store_true", help="bf16 compute, float32 master weights")
@@ -74,6 +87,17 @@ def add_training_args(parser, *, lr: float, epochs: int, batch_size: int, micro_
                    help="checkpoint and exit after this many steps (a job's time slot); run "
                         "again with --resume for the uninterrupted run's result (on GPUs: "
                         "README, Multi-GPU)")
+
+
+def batch_layout(args, model) -> dict:
+    """collate keywords for --layout: packed where the model's attention can take the packed
+    rows' mask (batches.packing_unsupported), else padded, said in one line."""
+    if args.layout == "packed":
+        why = packing_unsupported(model, args.max_length)
+        if why is None:
+            return {"packed": True, "row_tokens": args.row_tokens}
+        print0(f"--layout packed: {why}; training on the padded layout")
+    return {}
 
 
 def warmup_steps(args, total: int) -> int:

@@ -62,7 +62,7 @@ def run_one(spec):
                     lp.sum().backward()
             else:  # token_logps: chunks by its default byte budget, or the old 4M-element ones
                 old = spec["variant"] == "token_logps_4M"
-                lp = token_logps(model, ids, mask, **({"chunk_bytes": 4 << 22} if old else {}))
+                lp = token_logps(model, {"input_ids": ids, "attention_mask": mask}, **({"chunk_bytes": 4 << 22} if old else {}))
                 if train:
                     lp.sum().backward()
         model.zero_grad(set_to_none=True)

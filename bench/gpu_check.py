@@ -8,7 +8,8 @@ code, each line PASS, FAIL or SKIP against runs/memory_plan.py's prediction (REA
 Phases (a phase the plan says cannot fit this machine is a SKIP that prints the arithmetic):
   full       full fine-tuning: training.load_for_training (rank 0 reads a bf16 checkpoint, FSDP2,
              float32 masters, bf16 compute, activation checkpointing), 4 accumulated
-             micro-batches of 05's cDPO loss, training.sync_gradients, clip, fused AdamW
+             micro-batches of 05's cDPO loss (--layout packed, the default, or padded),
+             training.sync_gradients, clip, fused AdamW
   offload    the same with --cpu-offload (states in pinned host memory)
   lora       LoRA r16 on every projection over a bf16 frozen base, the same steps, then
              training.save_model (LoRA merged in the gathered state dict) checked against W + s B A
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "runs"))
 import memory_plan  # noqa: E402
+from batches import collate_pairs  # noqa: E402
 from common import dist_init, dist_teardown, get_rank, load_model, print0, token_logps  # noqa: E402
 from sampling import auto_batch_size, generate  # noqa: E402
 from training import (adamw, clip_grad_norm, full_state_dict, load_for_training,  # noqa: E402
@@ -55,6 +57,9 @@ parser.add_argument("--phases", default="full,offload,lora,sample,resume",
 parser.add_argument("--micro-batch-size", type=int, default=2, help="pairs per micro-batch")
 parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per step")
 parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+parser.add_argument("--layout", default="packed", choices=["packed", "padded"],
+                    help="training batches as 05 lays them out (%(default)s; the memory plan "
+                         "assumes padded, an upper bound)")
 parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
 parser.add_argument("--peak-tflops", type=float, default=989.0,
                     help="bf16 dense peak of one GPU (H100 SXM 989; H200 989; A100 312)")
@@ -86,15 +91,16 @@ def random_checkpoint(shape: dict, path: Path):
     del model
 
 
-def pairs_batch(shape, micro, T, seed, device):
-    """One micro-batch of m random pairs as 05 feeds it: (2m, T) ids, a quarter prompt, the rest
-    response with random cDPO weights; reference log-probs filled in by the caller."""
+def pairs_batch(shape, micro, T, seed, device, packed: bool):
+    """One micro-batch of m random pairs as 05 feeds it (batches.collate_pairs, in the packed or
+    the padded layout): prompt + response = T tokens, a quarter prompt, random cDPO weights on
+    the rejected side; reference log-probs filled in by the caller."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, shape["vocab"], (2 * micro, T), generator=g)
-    weights = torch.zeros(2 * micro, T - 1)
-    weights[:, T // 4:] = torch.rand(2 * micro, T - 1 - T // 4, generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "weights": weights.to(device)}
+    P = T // 4
+    ids = lambda n: torch.randint(3, shape["vocab"], (n,), generator=g).tolist()  # noqa: E731
+    pairs = [{"prompt_ids": ids(P), "chosen_ids": ids(T - P), "rejected_ids": ids(T - P),
+              "rejected_weights": torch.rand(T - P, generator=g).tolist()} for _ in range(micro)]
+    return {k: v.to(device) for k, v in collate_pairs(pairs, 0, packed=packed).items()}
 
 
 def train_phase(args, shape, path, device, world, lora: bool, offload: bool) -> dict:
@@ -114,17 +120,18 @@ def train_phase(args, shape, path, device, world, lora: bool, offload: bool) -> 
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = adamw(model, 1e-5, 0.0)
     m, A, T = args.micro_batch_size, args.accumulation, args.seq_len
-    batches = [pairs_batch(shape, m, T, get_rank() * A + k, device) for k in range(A)]
+    batches = [pairs_batch(shape, m, T, get_rank() * A + k, device, args.layout == "packed")
+               for k in range(A)]
     with torch.no_grad():  # 05's reference pass: the initial policy, before any update
         for b in batches:
-            b["ref_logps"] = token_logps(model, b["input_ids"], b["attention_mask"]).float()
+            b["ref_logps"] = token_logps(model, b).float()
     peak_memory_gb(device)  # reset: the figure is the steps' own
     times = []
     for step in range(args.steps + 1):
         t = time.perf_counter()
         for k, b in enumerate(batches):
             sync_gradients(model, last_micro_batch=k == A - 1)
-            logps = token_logps(model, b["input_ids"], b["attention_mask"])
+            logps = token_logps(model, b)
             losses, _, _ = cdpo.cdpo_loss(logps.float(), b["ref_logps"], b["weights"], 0.1)
             (losses.sum() / (m * A)).backward()
         clip_grad_norm(model, 1.0)
@@ -135,7 +142,7 @@ def train_phase(args, shape, path, device, world, lora: bool, offload: bool) -> 
         if step:  # step 0 warms up kernels and allocates AdamW's moments
             times.append(time.perf_counter() - t)
     dt = sorted(times)[len(times) // 2]
-    tokens = 2 * m * A * T * world
+    tokens = world * sum(int(b["attention_mask"].sum()) for b in batches)  # computed, all ranks
     res = {"params": n_params, "trained": n_trained, "load_s": round(load_s, 1),
            "step_s": round(dt, 3), "tokens_per_s": round(tokens / dt),
            "peak_gb": round(peak_memory_gb(device), 2)}
@@ -207,7 +214,8 @@ def resume_phase(args, device) -> dict:
         opt = adamw(model, 1e-3, 0.0)
 
         def nll(idx):
-            logps = token_logps(model, rows[idx], torch.ones_like(rows[idx]))  # (m, T-1)
+            logps = token_logps(model, {"input_ids": rows[idx],
+                                        "attention_mask": torch.ones_like(rows[idx])})  # (m, T-1)
             return -logps.float().sum(), {"tokens": torch.tensor(rows[idx].numel(), device=device)}
 
         cfg = Namespace(micro_batch_size=2, max_steps=4, epochs=1, lr=1e-3, warmup_steps=0,

@@ -4,7 +4,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import collate_pairs, token_logps
+from batches import collate_pairs
+from common import token_logps
 from conftest import tiny_llama
 
 
@@ -30,7 +31,7 @@ def test_values_match_naive_with_left_and_right_padding():
     model = tiny_llama(vocab=97)
     for left in (False, True):
         ids, mask = batch(SEQS, left)
-        out = token_logps(model, ids, mask)
+        out = token_logps(model, {"input_ids": ids, "attention_mask": mask})
         assert out.dtype == torch.float32 and out.shape == (3, ids.shape[1] - 1)
         for b, s in enumerate(SEQS):
             ref = naive_logps(model, s)
@@ -43,7 +44,8 @@ def test_small_chunks_and_gradients_match_naive():
     model = tiny_llama(vocab=97, seed=1)
     ids, mask = batch(SEQS, left=False)
     w = torch.randn(3, ids.shape[1] - 1)  # an arbitrary weighted reduction, like cDPO's
-    (token_logps(model, ids, mask, chunk_bytes=4 * 97) * w).sum().backward()  # 1 position/chunk
+    out = token_logps(model, {"input_ids": ids, "attention_mask": mask}, chunk_bytes=4 * 97)
+    (out * w).sum().backward()  # 1 position/chunk
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     total = 0
@@ -63,7 +65,7 @@ def test_label_shift_is_one_token():
             logits[..., 3] = math.log(4.0)  # p(3) = 4/8, every other token 1/8
             return type("Out", (), {"logits": logits})()
     ids = torch.tensor([[0, 3, 1]])
-    out = token_logps(Fixed(), ids, torch.ones_like(ids))
+    out = token_logps(Fixed(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     torch.testing.assert_close(out, torch.tensor([[math.log(0.5), math.log(1 / 8)]]))
 
 

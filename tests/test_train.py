@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import training
-from common import collate_pairs, encode_prompt, encode_response, token_logps
+from batches import collate_pairs
+from common import encode_prompt, encode_response, token_logps
 from conftest import load_stage, tiny_llama
 from preference import reference_logps
 
@@ -164,7 +165,7 @@ def test_cdpo_with_unit_weights_is_dpo_loss_and_gradients():
         p["ref_chosen_logps"], p["ref_rejected_logps"] = c, r
         p["chosen_weights"], p["rejected_weights"] = [1.0] * len(c), [1.0] * len(r)
     b = collate_pairs(pairs, pad_id=0)
-    logps = token_logps(policy, b["input_ids"], b["attention_mask"])
+    logps = token_logps(policy, b)
     losses, _, _ = cdpo.cdpo_loss(logps, b["ref_logps"], b["weights"], beta)
     losses.mean().backward()
     got = {n: p.grad.clone() for n, p in policy.named_parameters()}
@@ -228,7 +229,7 @@ def test_weights_land_on_their_tokens():
         pair["rejected_weights"] = [float(k == j) for k in range(len(pair["rejected_ids"]))]
         b = collate_pairs(batch, pad_id=0)
         with torch.no_grad():
-            logps = token_logps(policy, b["input_ids"], b["attention_mask"])
+            logps = token_logps(policy, b)
         _, _, rejected = cdpo.cdpo_loss(logps, b["ref_logps"], b["weights"], beta)
         assert rejected[0].item() == pytest.approx(beta * expected[j].item(), abs=1e-6), j
 
@@ -241,6 +242,16 @@ def test_misaligned_weights_are_refused(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cdpo.load_pairs(bad, args_for(cdpo, run, "--data", bad))
     assert e.value.code == 2 and "rejected_weights has" in capsys.readouterr().err
+
+
+def test_empty_prompt_is_refused(run, tmp_path, capsys):
+    recs = metrics(run / "04_score_tokens/pairs.jsonl")
+    recs[2]["prompt_ids"] = []  # nothing to score the first response token from
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(SystemExit) as e:
+        cdpo.load_pairs(bad, args_for(cdpo, run, "--data", bad))
+    assert e.value.code == 2 and "empty prompt_ids" in capsys.readouterr().err
 
 
 def test_stepdpo_loss_is_dpo_on_context_and_steps(run):
@@ -260,7 +271,7 @@ def test_stepdpo_loss_is_dpo_on_context_and_steps(run):
         p["ref_chosen_logps"], p["ref_rejected_logps"] = c, r
     b = collate_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():
-        logps = token_logps(policy, b["input_ids"], b["attention_mask"])
+        logps = token_logps(policy, b)
         step_losses, _, _ = stepdpo.step_dpo_loss(logps, b["ref_logps"], b["loss_mask"], beta)
         dpo_losses, _, _ = cdpo.cdpo_loss(logps, b["ref_logps"], b["loss_mask"], beta)
 
@@ -445,6 +456,32 @@ def test_gradient_accumulation_equals_one_big_batch(run, tmp_path, stage, monkey
     assert max((final[8][k] - base[k]).abs().max() for k in base) > 1e-2  # the step moved them
     for k in final[8]:
         torch.testing.assert_close(final[2][k], final[8][k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("stage", ["05", "06", "03"])
+def test_packed_layout_trains_as_the_padded_one(run, tmp_path, stage, monkeypatch):
+    """--layout packed (the default) and --layout padded: the same step-0 loss (ln 2 for the
+    DPO family) and the same update (SGD with lr 1: the weight change is the clipped gradient)."""
+    mod = {"05": cdpo, "06": stepdpo, "03": sft}[stage]
+    monkeypatch.setattr(training, "adamw", lambda model, lr, wd: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=lr))
+    final, loss0 = {}, {}
+    for layout in ("padded", "packed"):
+        out = tmp_path / layout
+        mod.main(args_for(mod, run, "--out", out, "--max-steps", 1, "--batch-size", 8, "--lr", 1,
+                          "--micro-batch-size", 8, "--warmup-ratio", 0, "--layout", layout,
+                          *(["--which", "pos"] if stage == "03" else [])))
+        final[layout] = weights(out / "pos" if stage == "03" else out / "model")
+        loss0[layout] = metrics(out / ("metrics_pos.jsonl" if stage == "03" else
+                                       "metrics.jsonl"))[0]["loss"]
+    if stage != "03":
+        assert loss0["packed"] == pytest.approx(LN2, abs=1e-6)
+    assert loss0["packed"] == pytest.approx(loss0["padded"], abs=1e-6)
+    base = weights(run / "00_toy" / "model")
+    assert max((final["padded"][k] - base[k]).abs().max() for k in base) > 1e-2  # it moved
+    for k in base:
+        torch.testing.assert_close(final["packed"][k], final["padded"][k], atol=1e-6, rtol=0,
+                                   msg=k)
 
 
 def test_resume_equals_straight_run(run, tmp_path, monkeypatch):
