@@ -9,7 +9,7 @@ The losses are not here: each stage passes its own in.
 A pair is {id, prompt_ids, chosen_ids, rejected_ids} plus optional chosen_weights /
 rejected_weights parallel to the response ids (batches.collate_pairs lays them out: packed, the
 prompt once per pair, or padded, --layout). The reference pass and the training forwards use the
-same layout, so policy and reference agree to the bit at step 0.
+same layout, so at step 0 policy and reference differ by float rounding only (loss ln 2).
 """
 import contextlib
 import math
