@@ -41,7 +41,8 @@ def collate_pairs(pairs: list[dict], pad_id: int, packed: bool = False,
     (2B, T-1), float32, zero outside the responses.
     The model sees that layout too (input_ids, attention_mask (2B, T)), or with packed=True
     pack_rows' rows: the prompt once per pair, the two responses after it, pairs packed into
-    rows of up to row_tokens tokens (token_logps unpacks their log-probs into the columns above).
+    rows of up to max(row_tokens, the longest pair) tokens (token_logps unpacks their log-probs
+    into the columns above).
     """
     rows, loss_masks, weights, refs = [], [], [], []
     for side in ("chosen", "rejected"):
