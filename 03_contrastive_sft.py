@@ -62,9 +62,9 @@ from pathlib import Path
 import torch
 
 from batches import pack_rows, pad_right
-from common import (add_run_args, dist_init, dist_teardown, encode_prompt, encode_response, fail,
-                    load_tokenizer, print0, read_jsonl, seed_for, token_logps, write_json,
-                    write_jsonl)
+from common import (add_run_args, dist_init, dist_teardown, each, encode_prompt, encode_response,
+                    fail, load_tokenizer, print0, read_json, read_jsonl, seed_for, token_id,
+                    token_logps, write_json, write_jsonl)
 from training import (add_training_args, batch_layout, check_batch, fit_batch, optimize,
                       save_model, training_policy)
 
@@ -173,13 +173,16 @@ def main(args):
     tok = load_tokenizer(model_path, args.trust_remote_code)
     # the end id a sample was written with; sample files that predate eos_id: the tokenizer's
     eos_of = lambda s: s.get("eos_id", tok.eos_token_id)  # noqa: E731
+    sample = each({"text": str, "pred": (str, type(None)), "correct": bool},
+                  {"truncated": bool, "eos_id": token_id(len(tok), null=True)})
     records = read_jsonl(data, required={"id": str, "prompt": str, "answer": str,
-                                         "samples": list})[:args.limit or None]
+                                         "samples": sample})[:args.limit or None]
+    # --resume: the models an earlier run finished (train.json is written with the model)
+    trained = {name: read_json(out / name / "train.json", hint="delete it to train that model "
+                               "again") for name in which
+               if args.resume and (out / name / "train.json").exists()}
     sets, pairs, counts = {"pos": [], "neg": []}, [], Counter(problems=len(records))
     for rec in records:
-        for j, s in enumerate(rec["samples"]):
-            if not isinstance(s, dict) or not {"text", "pred", "correct"} <= s.keys():
-                fail(f"{data}: problem '{rec['id']}': sample {j} needs text, pred and correct")
         rng = random.Random(seed_for(args.seed, rec["id"]))
         pos, neg, pair = select_examples(rec["samples"], rng, args.pos_top_k, args.neg_top_p)
         sets["pos"] += [{"id": rec["id"], "prompt": rec["prompt"], "text": s["text"],
@@ -205,7 +208,6 @@ def main(args):
     print0("config " + json.dumps(config))
 
     # train: the same initial model twice, one set each
-    trained = {}
     for name in which:
         examples = [{"prompt_ids": encode_prompt(tok, e["prompt"]),
                      "response_ids": encode_response(tok, e["text"], eos=e["eos_id"])}
@@ -215,9 +217,8 @@ def main(args):
         counts[f"{name}_dropped_too_long"] = len(sets[name]) - len(examples)
         B = fit_batch(args, len(examples), f"{name} examples")
         done = out / name / "train.json"  # written with the model: the model is whole
-        if args.resume and done.exists():
+        if name in trained:
             print0(f"{out / name} is already trained (--resume): kept")
-            trained[name] = json.loads(done.read_text())
             continue
         print0(f"training the {name} model on {len(examples)} examples, {B} per step")
         trained[name] = train_sft(args, model_path, tok, examples, B, out, name, config)

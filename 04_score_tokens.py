@@ -38,7 +38,7 @@ import torch
 from batches import collate_pairs
 from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, encode_prompt,
                     encode_response, fail, load_model, load_tokenizer, position_ids, print0,
-                    read_jsonl, write_json, write_text)
+                    read_jsonl, token_id, write_json, write_text)
 from sampling import file_stamp, Progress, resume_share
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -188,23 +188,23 @@ def main(args):
     neg_path = args.neg_model or run / "03_contrastive_sft" / "neg"
     print0(f"config: {json.dumps(vars(args))}")
     data = args.data or run / "03_contrastive_sft" / "pairs.jsonl"
-    pairs = read_jsonl(data, {"id": str, "prompt": str, "chosen": str, "rejected": str})
-    pairs = pairs[:args.limit] if args.limit > 0 else pairs
-    if len({p["id"] for p in pairs}) != len(pairs):
-        fail("pairs: duplicate ids")
-
-    # Tokenize once: prompt and responses apart, EOS after each full solution
     tok = load_tokenizer(pos_path, args.trust_remote_code)
     if load_tokenizer(neg_path, args.trust_remote_code).get_vocab() != tok.get_vocab():
         fail(f"{pos_path} and {neg_path} have different tokenizers; CE needs one vocabulary")
+    # the end ids are 03's (an answer cut by the token limit has none: it is no full solution)
+    pairs = read_jsonl(data, {"id": str, "prompt": str, "chosen": str, "rejected": str},
+                       optional={"chosen_eos_id": token_id(len(tok)),
+                                 "rejected_eos_id": token_id(len(tok))})
+    pairs = pairs[:args.limit] if args.limit > 0 else pairs
+    if len({p["id"] for p in pairs}) != len(pairs):
+        fail(f"{data}: duplicate ids")
+
+    # Tokenize once: prompt and responses apart, EOS after each full solution
     items = []
     for p in pairs:
         if not p["chosen"].strip() or not p["rejected"].strip():
-            fail(f"pair {p['id']}: empty chosen or rejected response")
+            fail(f"{data}: pair '{p['id']}': empty chosen or rejected response")
         eos = {side: p.get(f"{side}_eos_id", tok.eos_token_id) for side in ("chosen", "rejected")}
-        if not all(isinstance(e, int) and 0 <= e < len(tok) for e in eos.values()):
-            fail(f"{data}: pair '{p['id']}': chosen_eos_id / rejected_eos_id {list(eos.values())}"
-                 " must be token ids (an answer cut by the token limit is no full solution)")
         items.append({**p, "prompt_ids": encode_prompt(tok, p["prompt"]),
                       "chosen_ids": encode_response(tok, p["chosen"], eos=eos["chosen"]),
                       "rejected_ids": encode_response(tok, p["rejected"], eos=eos["rejected"])})

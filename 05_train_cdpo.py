@@ -54,7 +54,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import add_run_args, dist_init, dist_teardown, fail, load_tokenizer, print0, read_jsonl
+from common import (add_run_args, dist_init, dist_teardown, fail, load_tokenizer, numbers, print0,
+                    read_jsonl, token_ids)
 from preference import keep_short, train_preference
 from training import add_training_args, check_batch, fit_batch, save_model, training_policy
 
@@ -122,26 +123,27 @@ def cdpo_position_loss(policy_logps, ref_logps, weights, beta: float):
     return per_position.mean(-1), rewards[:B], rewards[B:]
 
 
-def load_pairs(path: Path, args) -> list[dict]:
-    """04's scored pairs, checked: weights parallel to ids, no empty response; the first --limit,
-    those within --max-length."""
-    need = {"id": str, "prompt_ids": list, "chosen_ids": list, "rejected_ids": list}
+def load_pairs(path: Path, args, vocab: int | None = None) -> list[dict]:
+    """04's scored pairs, checked: token ids of this tokenizer (vocab: its size), weights parallel
+    to ids, no empty response; the first --limit, those within --max-length."""
+    ids = token_ids(vocab)
+    need = {"id": str, "prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids}
     if not args.uniform:
-        need["rejected_weights"] = list
+        need["rejected_weights"] = numbers
     if args.weight_chosen:
-        need["chosen_weights"] = list
+        need["chosen_weights"] = numbers
     pairs = []
-    for rec in read_jsonl(path, required=need)[:args.limit or None]:
+    for where, rec in read_jsonl(path, required=need, locations=True,
+                                 optional={"chosen_weights": numbers, "rejected_weights": numbers},
+                                 parallel=[("chosen_weights", "chosen_ids"),
+                                           ("rejected_weights", "rejected_ids")]
+                                 )[:args.limit or None]:
         if not rec["prompt_ids"]:
-            fail(f"{path}: pair '{rec['id']}': empty prompt_ids (a response's first token is "
+            fail(f"{where}: pair '{rec['id']}': empty prompt_ids (a response's first token is "
                  "scored from the prompt's last one)")
         for side in ("chosen", "rejected"):
             if not rec[f"{side}_ids"]:
-                fail(f"{path}: pair '{rec['id']}': empty {side}_ids")
-            w = rec.get(f"{side}_weights")
-            if w is not None and len(w) != len(rec[f"{side}_ids"]):
-                fail(f"{path}: pair '{rec['id']}': {side}_weights has {len(w)} entries for "
-                     f"{len(rec[f'{side}_ids'])} {side}_ids (weights must be parallel to ids)")
+                fail(f"{where}: pair '{rec['id']}': empty {side}_ids")
         pairs.append({"id": rec["id"], "prompt_ids": rec["prompt_ids"],
                       "chosen_ids": rec["chosen_ids"], "rejected_ids": rec["rejected_ids"],
                       # None -> collate_pairs uses 1 on every response token
@@ -164,7 +166,7 @@ def main(args):
 
     # load
     tok = load_tokenizer(model_path, args.trust_remote_code)
-    pairs = load_pairs(data, args)
+    pairs = load_pairs(data, args, len(tok))
     config["batch_size"] = B = fit_batch(args, len(pairs), "pairs")
     print0("config " + json.dumps(config))
 

@@ -9,13 +9,17 @@ every stage needs:
   errors       fail(msg): one clear line on stderr and exit code 2 (bad input is never a traceback)
   processes    dist_init / dist_teardown / print0 / all_reduce_sum: same code under python or
                torchrun (gloo on CPU; NCCL beside gloo on GPUs); seed_for
-  files        read_jsonl (file:line errors), atomic writes (the long stages' append-and-resume
-               by record id, ResumableJsonl, is in sampling.py)
+  files        read_jsonl / read_json / read_text: one line naming file:line and the field for
+               any damage (not UTF-8, torn, no object, a missing or mistyped field; token_ids,
+               numbers, each: the checks of id lists, weights and 01's samples); atomic writes
+               (the long stages' append-and-resume by record id is sampling.ResumableJsonl)
   tokens       encode_prompt / encode_response / encode_steps (tokenized apart, BOS as the
                tokenizer adds it, EOS = the end id the model wrote)
   log-probs    token_logps: the one place where the label shift happens, chunked over positions
                (each chunk over the full vocabulary), for padded and packed batches alike
-  models       load_tokenizer / load_model (safetensors only; --tp: tensor parallel)
+  models       load_tokenizer / load_model (safetensors only; --tp: tensor parallel), each
+               after check_model_dir: configs that parse, whole weights files, a tokenizer that
+               fits the model's vocabulary
   flags        add_run_args (--run-dir, --model, --data, --out, --limit, --seed) and
                add_model_args (--bf16, --tp, --trust-remote-code of the inference stages)
 """
@@ -123,37 +127,161 @@ def seed_for(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-# Files: JSONL in (file:line errors), atomic JSON/JSONL out
-def read_jsonl(path, required: dict | None = None, locations: bool = False) -> list:
-    """Read a JSONL file; `required` maps field -> type (or tuple of types) every record must have.
-    A missing file, an empty file, a malformed or torn line, or a missing / mistyped field stops
-    with one line naming file:line and the field. With locations=True returns ("file:line", record)
-    pairs, so callers can name the line in their own checks."""
+# Files: JSONL, JSON and text in (one line naming file:line and the field), atomic writes out
+def _text(data: bytes, where: str, lines: bool = True) -> str:
+    """UTF-8 text (a leading byte order mark dropped), or one line naming where (with lines: the
+    line too) the first byte that is no UTF-8 sits: a spreadsheet's cp1252, a torn download."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        fail(f"{where}{f':{line}' if lines else ''}: not UTF-8 text (byte 0x{data[e.start]:02x} "
+             f"at column {column}); re-save the file as UTF-8")
+
+
+def _kind(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _value_error(value, spec) -> str | None:
+    """What is wrong with a field's value: spec is a type or tuple of types (a bool is no int
+    unless bool is named; type(None) allows null) or a check such as token_ids(vocab)."""
+    if not isinstance(spec, (type, tuple)):
+        return spec(value)
+    types = spec if isinstance(spec, tuple) else (spec,)
+    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return None
+    return (f"should be {' or '.join('null' if t is type(None) else t.__name__ for t in types)}"
+            f", got {_kind(value)}")
+
+
+def _record_error(rec, required: dict | None, optional: dict | None = None) -> str | None:
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {_kind(rec)}"
+    for field, spec in (required or {}).items():
+        if field not in rec:
+            return f"missing field '{field}'"
+    for field, spec in [*(required or {}).items(), *(optional or {}).items()]:
+        if field in rec and (err := _value_error(rec[field], spec)):
+            return f"field '{field}' {err}"
+    return None
+
+
+def token_id(vocab: int | None, null: bool = False):
+    """Field check for read_jsonl: one token id, an int in [0, vocab) (or null where allowed)."""
+    def check(x):
+        if x is None and null:
+            return None
+        if type(x) is not int:
+            return f"should be a token id (an integer), got {json.dumps(x)[:40]}"
+        if x < 0 or vocab is not None and x >= vocab:
+            return (f"holds token id {x}, outside this tokenizer's vocabulary [0, {vocab}) "
+                    "(written with another tokenizer? re-run the stage that writes it)")
+        return None
+    return check
+
+
+def token_ids(vocab: int | None):
+    """Field check for read_jsonl: a list of token ids, each an int in [0, vocab)."""
+    one = token_id(vocab)
+
+    def check(v):
+        if not isinstance(v, list):
+            return f"should be a list of token ids, got {_kind(v)}"
+        return next((f"item {i} {err}" for i, x in enumerate(v) if (err := one(x))), None)
+    return check
+
+
+def numbers(v) -> str | None:
+    """Field check for read_jsonl: a list of finite numbers (token weights)."""
+    if not isinstance(v, list):
+        return f"should be a list of numbers, got {_kind(v)}"
+    return next((f"item {i} should be a finite number, got {json.dumps(x)[:40]}"
+                 for i, x in enumerate(v) if type(x) not in (int, float) or not math.isfinite(x)),
+                None)
+
+
+def each(required: dict, optional: dict | None = None):
+    """Field check for read_jsonl: a list of JSON objects, each with the `required` fields and,
+    where present, `optional` ones of their types (01's samples: text, pred, correct, ...)."""
+    def check(v):
+        if not isinstance(v, list):
+            return f"should be a list, got {_kind(v)}"
+        return next((f"item {i}: {err}" for i, x in enumerate(v)
+                     if (err := _record_error(x, required, optional))), None)
+    return check
+
+
+def read_jsonl(path, required: dict | None = None, locations: bool = False,
+               optional: dict | None = None, parallel=(), partial: bool = False) -> list:
+    """Read a JSONL file (UTF-8, a byte order mark allowed); `required` maps field -> type, tuple
+    of types, or a check (token_ids(vocab), numbers, each(...)) every record must pass, and
+    `optional` the same for fields a record may lack; `parallel` names (a, b) field pairs whose
+    lists must be as long as each other where both are present (weights and their ids). A missing
+    or empty file, bytes that are no UTF-8, a torn or malformed line, a value that is no object,
+    a missing or mistyped field stop with one line naming file:line and the field. partial=True
+    reads a resume file: its torn last line (a write killed midway) is dropped, and it may hold
+    no record. With locations=True returns ("file:line", record) pairs, so callers can name the
+    line in their own checks."""
     path = Path(path)
     if not path.is_file():
         fail(f"{path}: no such file (run the stage that writes it, or pass the right path)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if partial and not raw.endswith(b"\n"):
+                break
+            line = _text(raw, where, lines=False)
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                fail(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line")
-            if not isinstance(rec, dict):
-                fail(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for field, typ in (required or {}).items():
-                if field not in rec:
-                    fail(f"{path}:{lineno}: missing field '{field}'")
-                if not isinstance(rec[field], typ) or isinstance(rec[field], bool) and typ is int:
-                    want = getattr(typ, "__name__", str(typ))
-                    fail(f"{path}:{lineno}: field '{field}' should be {want}, "
-                         f"got {type(rec[field]).__name__}")
-            records.append((f"{path}:{lineno}", rec) if locations else rec)
-    if not records:
+                fail(f"{where}: malformed JSON ({e.msg}: column {e.colno}); " + (
+                    "the last line is cut off (an interrupted write?): delete it or re-run the "
+                    "stage that writes it" if not raw.endswith(b"\n") else
+                    "fix or delete that line"))
+            if err := _record_error(rec, required, optional):
+                fail(f"{where}: {err}")
+            for a, b in parallel:
+                if isinstance(rec.get(a), list) and len(rec[a]) != len(rec.get(b) or []):
+                    fail(f"{where}: {a} has {len(rec[a])} entries for {len(rec.get(b) or [])} "
+                         f"{b} (field '{a}' must be parallel to '{b}': one per id)")
+            records.append((where, rec) if locations else rec)
+    if not records and not partial:
         fail(f"{path}: empty file (no records); re-run the stage that writes it")
     return records
+
+
+def read_json(path, required: dict | None = None,
+              hint: str = "fix it, or re-run the stage that writes it") -> dict:
+    """One JSON object from a file (a model's config.json, a resume record), with read_jsonl's
+    one-line errors; `hint` says what to do about a damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{path}: no such file; {hint}")
+    text = _text(path.read_bytes(), str(path))
+    if not text.strip():
+        fail(f"{path}: empty file; {hint}")
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"{path}: malformed JSON ({e.msg}: line {e.lineno} column {e.colno}); {hint}")
+    if err := _record_error(rec, required):
+        fail(f"{path}: {err}; {hint}")
+    return rec
+
+
+def read_text(path, hint: str = "pass the right path") -> str:
+    """A text file (a prompt template): missing, empty or not UTF-8 stop with one line."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{path}: no such file; {hint}")
+    text = _text(path.read_bytes(), str(path))
+    if not text.strip():
+        fail(f"{path}: empty file; {hint}")
+    return text
 
 
 def write_text(path, text: str):
@@ -335,12 +463,76 @@ def token_logps(model, batch: dict, chunk_bytes: int = 1 << 30) -> torch.Tensor:
 
 
 # Models: Hugging Face format, safetensors only
+DAMAGED = "the model dir is damaged (an interrupted copy or download?): copy or download it again"
+
+
+def _check_safetensors(f: Path):
+    """A whole safetensors file: an 8-byte header length, a JSON header, and exactly the bytes
+    its tensors' offsets cover (an interrupted copy is shorter, an empty file has nothing)."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n) if 0 < n <= size - 8 else b"")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        fail(f"{f}: {'an empty file' if size == 0 else 'no whole safetensors file'} ({size} "
+             f"bytes); {DAMAGED}")
+    if 8 + n + end != size:
+        fail(f"{f}: {'cut off' if size < 8 + n + end else 'too long'}: {size} bytes where its "
+             f"header promises {8 + n + end}; {DAMAGED}")
+
+
+def check_model_dir(path) -> dict:
+    """A local model dir, checked before anything loads it, so that damage stops with one line
+    naming the file while the stage has written nothing: its JSON configs parse (a torn
+    generation_config.json would silently drop end ids), every safetensors file is whole and
+    every shard its index names exists. Returns its config.json ({} for a hub id: those are
+    from_pretrained's to check)."""
+    p = Path(path)
+    if not p.is_dir():
+        return {}
+    config = {name: read_json(p / name, hint=DAMAGED) for name in (
+        "config.json", "generation_config.json", "tokenizer_config.json",
+        "special_tokens_map.json") if (p / name).is_file()}
+    if (p / "model.safetensors.index.json").is_file():
+        index = read_json(p / "model.safetensors.index.json", {"weight_map": dict}, DAMAGED)
+        for shard in sorted(set(map(str, index["weight_map"].values()))):
+            if not (p / shard).is_file():
+                fail(f"{p / shard}: no such file, though the index names it; {DAMAGED}")
+    for f in sorted(p.glob("*.safetensors")):
+        _check_safetensors(f)
+    return config.get("config.json", {})
+
+
+def _check_exists(path):
+    """A path that is clearly local (not a hub id) must exist."""
+    if not Path(path).exists() and (str(path).startswith((".", "/", "runs"))
+                                    or str(path).count("/") > 1):
+        fail(f"model '{path}' not found (run the stage that writes it, or pass the right path)")
+
+
 def load_tokenizer(path, trust_remote_code: bool = False):
+    """The tokenizer of a model dir or hub id. A local dir is checked whole first
+    (check_model_dir: the stages read the tokenizer before anything is written, so damaged
+    weights stop them there too), and a tokenizer with more tokens than the model's config has
+    embeddings (another model's tokenizer files) is refused."""
     from transformers import AutoTokenizer
+    _check_exists(path)
+    cfg = check_model_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load tokenizer from '{path}': {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001: the tokenizers library raises plain Exceptions
+        if Path(path).is_dir():  # name the damaged file where one is
+            for f in sorted(Path(path).glob("*.json")):
+                read_json(f, hint=DAMAGED)
+        fail(f"cannot load tokenizer from '{path}' ({type(e).__name__}: "
+             f"{(str(e).splitlines() or [''])[0][:200]}); pass a model dir or hub id with one")
+    vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if isinstance(vocab, int) and len(tok) > vocab:
+        fail(f"{path}: the tokenizer has {len(tok)} tokens, the model's vocabulary (config.json "
+             f"vocab_size) {vocab}: tokenizer files of another model? copy this model's own")
     if tok.pad_token_id is None:  # Llama-3 has none; padding is always masked, EOS serves
         tok.pad_token = tok.eos_token
     return tok
@@ -349,25 +541,30 @@ def load_tokenizer(path, trust_remote_code: bool = False):
 def load_model(path, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
                tp: bool = False):
     """An HF causal LM from a local dir or hub id. Pickle checkpoints (.bin/.pt) are refused:
-    loading them can execute code. trust_remote_code stays off unless a flag asks.
+    loading them can execute code. trust_remote_code stays off unless a flag asks. A local dir
+    is checked first (check_model_dir); what from_pretrained still refuses stops with one line.
     tp (under torchrun): tensor parallel over all ranks with transformers' tp_plan, each rank
     holding 1/world of every layer: how a 70B model samples on 8 GPUs of 80 GB."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, DistributedConfig
     p = Path(path)
     if p.is_dir() and not list(p.glob("*.safetensors")):
         if list(p.glob("*.bin")) or list(p.glob("*.pt")):
             fail(f"{path}: only pickle weights (.bin/.pt) found; convert them to safetensors")
         fail(f"{path}: no model.safetensors in this directory (run the stage that writes it)")
-    if not p.exists() and (str(path).startswith((".", "/", "runs")) or str(path).count("/") > 1):
-        fail(f"model '{path}' not found (run the stage that writes it, or pass --model)")
+    _check_exists(path)
+    check_model_dir(path)
     try:
         sharded = {"distributed_config": DistributedConfig(tp_plan="auto")} if (
             tp and get_world() > 1) else {}
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
             **sharded)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load model '{path}': {str(e).splitlines()[0]}")
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:
+        fail(f"cannot load model '{path}' ({type(e).__name__}: "
+             f"{(str(e).splitlines() or [''])[0][:200]}); check its config.json and weights")
     if sharded:
         print0(f"{path}: tensor parallel, 1/{get_world()} of each layer per rank")
     return model.to(device)
@@ -398,7 +595,9 @@ def add_model_args(parser):
     """--bf16, --tp and --trust-remote-code, as every stage that runs models without training
     them (01, 02, 04, 07, 08) takes them."""
     g = parser.add_argument_group("model")
-    g.add_argument("--bf16", action="store_true", help="run the model(s) in bfloat16 (GPU)")
+    g.add_argument("--bf16", action="store_true", help="run the model(s) in bfloat16: on GPUs, "
+                   "and on CPUs with bf16 matrix units (AVX512-BF16, AMX), where sampling is "
+                   "1.5-1.9x faster but greedy text drifts from float32's (BENCHMARKS.md)")
     g.add_argument("--tp", action="store_true", help="under torchrun: shard the model over all "
                    "ranks (tensor parallel) instead of a full copy per rank; for models larger "
                    "than one GPU")

@@ -38,9 +38,10 @@ def _normalize_problem(rec: dict, where: str, default_id: str) -> dict | None:
     rec = dict(rec)
     if "question" not in rec and "problem" not in rec:
         fail(f"{where}: missing field 'question' (GSM8K format) or 'problem' (MATH format)")
-    rec["question"] = rec.pop("question") if "question" in rec else rec.pop("problem")
+    key = "question" if "question" in rec else "problem"
+    rec["question"] = rec.pop(key)
     if not isinstance(rec["question"], str) or not rec["question"].strip():
-        fail(f"{where}: the question should be a non-empty string; fix that record")
+        fail(f"{where}: field '{key}' should be a non-empty string; fix that record")
     answer = rec.get("answer")
     if answer is None:
         # MATH without `answer`: the gold is the last boxed expression of the solution
@@ -59,8 +60,11 @@ def _normalize_problem(rec: dict, where: str, default_id: str) -> dict | None:
             fail(f"{where}: field 'answer' should end in '#### <number>', got '#### {final}'")
         rec.setdefault("solution", worked.strip())
         answer = final
-    given = [rec[k] for k in ("id", "unique_id") if rec.get(k) not in (None, "")]
-    rec["answer"], rec["id"] = answer.strip(), str(given[0]) if given else default_id
+    given = [k for k in ("id", "unique_id") if rec.get(k) not in (None, "")]
+    if given and (not isinstance(rec[given[0]], (str, int)) or isinstance(rec[given[0]], bool)):
+        fail(f"{where}: field '{given[0]}' should be a string, got "
+             f"{type(rec[given[0]]).__name__}")
+    rec["answer"], rec["id"] = answer.strip(), str(rec[given[0]]) if given else default_id
     return rec if rec["answer"] else None
 
 
@@ -125,8 +129,8 @@ FEWSHOT_EXAMPLES = [
 FEWSHOT_BLOCK = "".join(PLAIN_TEMPLATE.format(question=q) + " " + a + "\n\n"
                         for q, a in FEWSHOT_EXAMPLES)
 # Instruct models that box their answers (Qwen2-Math, DeepSeek-Math-Instruct) are prompted with
-# this line after the question ('chat-boxed'); small chat models answer the question alone better
-# ('chat': SmolLM2-135M-Instruct was right on 8 of 16 simple word problems without it, 1 with it).
+# this line after the question ('chat-boxed'); a small chat model may answer the question alone
+# better ('chat'): measure both on the same problems (07_eval.py --template, README).
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = ("plain", "fewshot", "chat", "chat-boxed")
 # A base model under the plain template goes on to invent the next question: cut it there.

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from batches import packing_unsupported
 from common import (all_reduce_sum, barrier, dist_init, fail, get_rank, get_world, load_model,
-                    print0, read_jsonl, seed_for, write_json, write_jsonl)
+                    print0, read_json, read_jsonl, seed_for, write_json, write_jsonl)
 
 
 
@@ -343,9 +343,17 @@ def _train_state(model, opt):
 
 
 def latest_checkpoint(ckpt_dir) -> int | None:
-    """The step of the newest whole checkpoint in ckpt_dir, or None."""
+    """The step of the newest whole checkpoint in ckpt_dir, or None. A damaged latest.json, or
+    one naming a checkpoint that is not there, stops with one line."""
     latest = Path(ckpt_dir) / "latest.json"
-    return json.loads(latest.read_text())["step"] if latest.exists() else None
+    if not latest.exists():
+        return None
+    hint = f"delete {ckpt_dir} to train from the start"
+    step = read_json(latest, {"step": int}, hint)["step"]
+    if not (Path(ckpt_dir) / f"step{step:06d}" / ".metadata").is_file():
+        fail(f"{Path(ckpt_dir) / f'step{step:06d}'}: no whole checkpoint, though {latest} names "
+             f"it; {hint}")
+    return step
 
 
 def save_checkpoint(ckpt_dir, model, opt, step: int, keep: int = 1):
