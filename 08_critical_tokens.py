@@ -5,26 +5,31 @@ The cDPO paper's pass@k figure in miniature (PAPERS.md A5, the released rollout 
 For each of the first --limit rejected answers y of 04_score_tokens/pairs.jsonl (their token ids,
 exactly as scored), with the base model at --temperature:
 
-1. "with" rollouts: for every response position t, continue prompt + y_<=t --rollouts times;
+1. search rollouts: for every response position t, continue prompt + y_<=t --rollouts times;
    c_t = number of continuations that grade right: the answer extracted from the response
    (y_<=t + continuation) is_equiv the pair's gold answer, and --max-new-tokens did not cut it
    (mathtext.grade).
 2. critical token (released rule): scan t from the start; the first t with c_t == 0 becomes the
    candidate; a later prefix with more than --cancel-frac of its rollouts right cancels it (kept as
-   a fallback); the answer's critical token = the active candidate, else the last cancelled one.
-3. "without" rollouts at the critical position t*: the base model's next-token distribution there
-   with the actual token's probability set to 0, --rollouts alternatives drawn from it (with
-   replacement), one continuation each; d = number right.
+   a fallback); the answer's critical token = the active candidate ("primary"), else the last
+   cancelled one ("fallback"). Both counts are reported: a wrong answer nearly always has some
+   all-wrong prefix (the wrong final number is written by then), so "found" alone says little.
+3. The measurement, on fresh rollouts (seeds independent of step 1's: c_t* is 0 by the rule's
+   definition, so step 1's rollouts cannot say how often keeping the token fails):
+   kept      --rollouts continuations of prompt + y_<=t*; c = number right.
+   replaced  the base model's next-token distribution at t* with the actual token's probability
+             set to 0, --rollouts alternatives drawn from it (with replacement), one continuation
+             each; d = number right.
 4. pass@k = 1 - C(n-c, k) / C(n, k) (unbiased, n = rollouts; mathtext.pass_at_k) for
-   k = 1, 2, 4, ... with the critical token kept (c = c_t*, 0 by construction) and replaced
-   (c = d), averaged over answers.
+   k = 1, 2, 4, ... with the critical token kept (c) and replaced (d), averaged over answers.
 5. How well 04's weights find t*: the rank of t* among the answer's rejected_weights (1 = the
    largest weight) and precision@k = share of answers whose t* is among its k largest weights,
    next to the chance level k / len(answer).
 
 Reads  <run-dir>/04_score_tokens/pairs.jsonl, the base model (<run-dir>/00_toy/model)
-Writes <run-dir>/08_critical_tokens/study.json     config, pass@k curves, rank statistics
-       <run-dir>/08_critical_tokens/answers.jsonl   per answer: c_t per position, t*, d, rank
+Writes <run-dir>/08_critical_tokens/study.json     config, rule counts, pass@k curves, ranks
+       <run-dir>/08_critical_tokens/answers.jsonl   per answer: c_t per position, t* and its
+                                                    rule, kept c, replaced d, rank
        <run-dir>/08_critical_tokens/pass_at_k.png
 Resumable and torchrun-ready like 01_sample.py (ranks take strides of the answers).
 
@@ -38,7 +43,8 @@ from pathlib import Path
 import torch
 
 from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, get_world,
-                    load_model, load_tokenizer, print0, read_jsonl, seed_for, write_json)
+                    load_model, load_tokenizer, numbers, print0, read_jsonl, seed_for, token_ids,
+                    write_json)
 from mathtext import grade, pass_at_k
 from sampling import auto_batch_size, batch_size_arg, file_stamp, generate, Progress, resume_share
 
@@ -59,21 +65,26 @@ g.add_argument("--cancel-frac", type=float, default=3 / 64,
                help="a later prefix with more than this share right cancels a candidate "
                     "(released: more than 3 of 64)")
 g.add_argument("--batch-size", type=batch_size_arg, default=128,
-               help="sequences per generate call (%(default)s), or auto: as many as the free "
-                    "device memory holds (the KV cache of the longest prompt + answer + "
-                    "--max-new-tokens, sampling.auto_batch_size)")
+               help="continuations decoded side by side (%(default)s), or auto: as many as "
+                    "the free device memory holds (the KV cache of the longest prompt + answer "
+                    "+ --max-new-tokens, sampling.auto_batch_size)")
 add_model_args(parser)
 
 
-def critical_position(correct: list[int], n: int, cancel_frac: float) -> int | None:
-    """The released rule over per-position success counts (position t -> c_t of n rollouts)."""
+def critical_position(correct: list[int], n: int,
+                      cancel_frac: float) -> tuple[int | None, str | None]:
+    """The released rule over per-position success counts (position t -> c_t of n rollouts):
+    (t*, "primary") for the candidate still active at the end, (t*, "fallback") for the last
+    cancelled one when none is, (None, None) when no prefix has every rollout wrong."""
     candidate, cancelled = None, None
     for t, c in enumerate(correct):
         if candidate is None and c == 0:
             candidate = t
         elif candidate is not None and c > cancel_frac * n:
             cancelled, candidate = candidate, None
-    return candidate if candidate is not None else cancelled
+    if candidate is not None:
+        return candidate, "primary"
+    return (cancelled, "fallback") if cancelled is not None else (None, None)
 
 
 def count_right(model, tok, prefixes: list[list[int]], seeds: list[int], gold: str, n_prompt: int,
@@ -82,28 +93,29 @@ def count_right(model, tok, prefixes: list[list[int]], seeds: list[int], gold: s
     prompt's first n_prompt ids are left out, so a question's own numbers are never read as the
     answer) grades right (mathtext.grade: its extracted answer is_equiv the gold one, and it was
     not cut by --max-new-tokens)."""
-    right = []
-    for s in range(0, len(prefixes), args.batch_size):
-        outs = generate(model, tok, prefixes[s:s + args.batch_size], seeds[s:s + args.batch_size],
-                        args.temperature, 1.0, args.max_new_tokens)
-        for pre, out in zip(prefixes[s:s + args.batch_size], outs):
-            text = tok.decode(pre[n_prompt:] + out["ids"], skip_special_tokens=True)
-            right.append(int(grade(text, gold, out["finish"] == "length")[1]))
-    return right
+    outs = generate(model, tok, prefixes, seeds, args.temperature, 1.0, args.max_new_tokens,
+                    batch_size=args.batch_size)  # prefixes that extend each other share work
+    return [int(grade(tok.decode(pre[n_prompt:] + out["ids"], skip_special_tokens=True), gold,
+                      out["finish"] == "length")[1]) for pre, out in zip(prefixes, outs)]
 
 
 def study_answer(model, tok, pair: dict, args) -> dict:
-    """Rollouts with and without the critical token of one rejected answer."""
+    """Search rollouts for the critical token of one rejected answer, then fresh rollouts with it
+    kept and replaced."""
     P, y, n = pair["prompt_ids"], pair["rejected_ids"], args.rollouts
     positions = range(len(y) - 1)  # the last id is EOS: nothing follows it
     prefixes = [P + y[:t + 1] for t in positions for _ in range(n)]
     seeds = [seed_for(args.seed, pair["id"], "with", t, r) for t in positions for r in range(n)]
     right = count_right(model, tok, prefixes, seeds, pair["answer"], len(P), args)
     with_c = [sum(right[t * n:(t + 1) * n]) for t in positions]  # c_t
-    t_star = critical_position(with_c, n, args.cancel_frac)
-    rec = {"id": pair["id"], "n_tokens": len(y), "with_correct": with_c, "critical": t_star}
+    t_star, rule = critical_position(with_c, n, args.cancel_frac)
+    rec = {"id": pair["id"], "n_tokens": len(y), "with_correct": with_c, "critical": t_star,
+           "rule": rule}
     if t_star is None:
         return rec
+    # Keep y_t*: fresh continuations of the same prefix, seeds no search rollout used.
+    seeds = [seed_for(args.seed, pair["id"], "kept", r) for r in range(n)]
+    kept = count_right(model, tok, [P + y[:t_star + 1]] * n, seeds, pair["answer"], len(P), args)
     # Replace y_t*: the model's distribution at t* without the token it actually wrote.
     ids = torch.tensor([P + y[:t_star + 1]], device=next(model.parameters()).device)
     with torch.no_grad():
@@ -114,16 +126,18 @@ def study_answer(model, tok, pair: dict, args) -> dict:
     prefixes = [P + y[:t_star] + [a] for a in alts]
     seeds = [seed_for(args.seed, pair["id"], "without", r) for r in range(n)]
     w = pair["rejected_weights"]
-    rec.update(without_correct=sum(count_right(model, tok, prefixes, seeds, pair["answer"], len(P),
-                                               args)),
+    rec.update(kept_correct=sum(kept),
+               replaced_correct=sum(count_right(model, tok, prefixes, seeds, pair["answer"],
+                                                len(P), args)),
                critical_token=tok.decode([y[t_star]]),
                weight_rank=1 + sum(x > w[t_star] for x in w))  # 1 = the largest weight
     return rec
 
 
 def summarize(records: list[dict], n: int) -> dict:
-    """pass@k with the critical token kept and replaced, and how 04's weights rank it, over
-    the answers that have one (n = rollouts)."""
+    """How many answers have a critical token and by which branch of the rule, pass@k on the
+    fresh rollouts with it kept and replaced, and how 04's weights rank it, over the answers
+    that have one (n = rollouts)."""
     found = [r for r in records if r["critical"] is not None]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
 
@@ -132,11 +146,12 @@ def summarize(records: list[dict], n: int) -> dict:
 
     return {
         "answers": len(records), "with_critical": len(found),
+        "found_primary": sum(r["rule"] == "primary" for r in found),
+        "found_fallback": sum(r["rule"] == "fallback" for r in found),
         "k": ks,
-        "pass_at_k_with": [mean([pass_at_k(n, r["with_correct"][r["critical"]], k) for r in found])
-                           for k in ks],
-        "pass_at_k_without": [mean([pass_at_k(n, r["without_correct"], k) for r in found])
-                              for k in ks],
+        "pass_at_k_kept": [mean([pass_at_k(n, r["kept_correct"], k) for r in found]) for k in ks],
+        "pass_at_k_replaced": [mean([pass_at_k(n, r["replaced_correct"], k) for r in found])
+                               for k in ks],
         "weight_rank_mean": mean([r["weight_rank"] for r in found]),
         "precision_at_k": {k: mean([r["weight_rank"] <= k for r in found]) for k in (1, 3, 5)},
         "chance_at_k": {k: mean([min(1, k / r["n_tokens"]) for r in found]) for k in (1, 3, 5)},
@@ -149,13 +164,13 @@ def plot(summary: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(summary["k"], [100 * v for v in summary["pass_at_k_without"]], "o-",
+    ax.plot(summary["k"], [100 * v for v in summary["pass_at_k_replaced"]], "o-",
             label="critical token replaced")
-    ax.plot(summary["k"], [100 * v for v in summary["pass_at_k_with"]], "s--",
+    ax.plot(summary["k"], [100 * v for v in summary["pass_at_k_kept"]], "s--",
             label="critical token kept")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="k", ylabel="pass@k (%)", ylim=(-3, 103),
-           title=f"Critical tokens ({summary['with_critical']} wrong answers)")
+           title=f"Critical tokens ({summary['with_critical']} wrong answers, fresh rollouts)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -168,19 +183,22 @@ def main(args):
     out = Path(args.out or run / "08_critical_tokens")
     data = args.data or run / "04_score_tokens" / "pairs.jsonl"
     model_dir = args.model or run / "00_toy" / "model"
-    pairs = read_jsonl(data, required={"id": str, "prompt_ids": list, "rejected_ids": list,
-                                       "rejected_weights": list, "answer": str})
+    tok = load_tokenizer(model_dir, args.trust_remote_code)
+    ids = token_ids(len(tok))  # 04's ids, of this model's tokenizer
+    pairs = read_jsonl(data, required={"id": str, "prompt_ids": ids, "rejected_ids": ids,
+                                       "rejected_weights": numbers, "answer": str},
+                       parallel=[("rejected_weights", "rejected_ids")])
     pairs = pairs[:args.limit] if args.limit > 0 else pairs
 
     # Load
-    tok = load_tokenizer(model_dir, args.trust_remote_code)
     model = load_model(model_dir, device, torch.bfloat16 if args.bf16 else torch.float32,
                        args.trust_remote_code, tp=args.tp).eval()
     print0(f"critical-token study: {len(pairs)} answers x {args.rollouts} rollouts per position")
-    # resume only what this model (these very weights), these pairs and this config produced
+    # resume only what this model (these very weights), these pairs and this config produced;
+    # "record" 2: kept and replaced on fresh rollouts (version 1's records lack them)
     shapes = ("rollouts", "temperature", "max_new_tokens", "cancel_frac", "seed")
     store, todo = resume_share(out / "answers.jsonl", pairs, args.tp,
-                               fingerprint={**{k: vars(args)[k] for k in shapes},
+                               fingerprint={**{k: vars(args)[k] for k in shapes}, "record": 2,
                                             "model": file_stamp(model_dir),
                                             "data": file_stamp(data)})
     if args.batch_size == "auto":  # a rollout prefix is a prompt + a prefix of its answer
@@ -202,9 +220,10 @@ def main(args):
         summary = summarize(records, args.rollouts)
         write_json(out / "study.json", {"config": vars(args), **summary})
         plot(summary, out / "pass_at_k.png")
-        print0(f"critical token found in {summary['with_critical']}/{len(records)} answers | "
-               f"pass@1 replaced {summary['pass_at_k_without'][0]:.3f} vs kept "
-               f"{summary['pass_at_k_with'][0]:.3f} | CE rank {summary['weight_rank_mean']:.1f} | "
+        print0(f"critical token found in {summary['with_critical']}/{len(records)} answers "
+               f"({summary['found_primary']} primary, {summary['found_fallback']} fallback) | "
+               f"fresh rollouts: pass@1 replaced {summary['pass_at_k_replaced'][0]:.3f} vs kept "
+               f"{summary['pass_at_k_kept'][0]:.3f} | CE rank {summary['weight_rank_mean']:.1f} | "
                f"precision@3 {summary['precision_at_k'][3]:.2f} "
                f"(chance {summary['chance_at_k'][3]:.2f})")
     else:

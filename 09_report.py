@@ -4,23 +4,28 @@ stages wrote. Nothing here is typed in by hand: every number comes from a result
 metrics.jsonl, so the README's Results section is what this script printed.
 
 Reads  <run-dir>[-s1, -s2, ...]/07_eval/<label>/results.json   accuracy, 95% Wilson interval
+       <run-dir>/07_eval_<set>/<label>/results.json            other evaluation sets (make real:
+                                                               the GSM8K and MATH500 subsets)
        <run-dir>[-sK]/{05_train_dpo,05_train_cdpo,06_train_stepdpo,03_contrastive_sft}/...
                                                                metrics.jsonl (training cost)
        <run-dir>/08_critical_tokens/study.json, 02_localize/summary.json (when present)
+       <run-dir>/{01_sample/samples.jsonl, 03_contrastive_sft/pairs.jsonl,
+                  04_score_tokens/pairs.jsonl}                 what the stages made (real runs)
        <run-dir>/sweep/07_eval_{dev,test}/<label>/results.json  runs/toy_sweep.sh's grid
 Writes <run-dir>/results.md             the table (mean and spread over seeds), the studies
        <run-dir>/training_curves.png    loss, reward margin, reward accuracy, chosen reward
 
-  python 09_report.py --run-dir runs/toy --seeds 3
+  python 09_report.py --run-dir runs/toy --seeds 3 --readme README.md        # make demo
+  python 09_report.py --run-dir runs/smollm2 --readme README.md \\
+      --readme-block real-results                                            # make real
 """
 import argparse
-import json
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
-from common import fail, read_jsonl, write_text
+from common import fail, read_json, read_jsonl, write_text
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,8 +34,18 @@ g.add_argument("--run-dir", default="runs/toy", help="run directory (seed 0)")
 g.add_argument("--seeds", type=int, default=1,
                help="seeds to gather: seed k > 0 lives in <run-dir>-s<k>")
 g.add_argument("--out", default=None, help="markdown output (default: <run-dir>/results.md)")
-g.add_argument("--readme", default=None, help="also put the results between the '<!-- results "
-               "-->' markers of this markdown file, pictures copied into docs/ beside it")
+g.add_argument("--readme", default=None, help="also put the results between the '<!-- "
+               "BLOCK:begin -->' and '<!-- BLOCK:end -->' markers of this markdown file, "
+               "pictures copied into docs/ beside it")
+g.add_argument("--readme-block", default="results",
+               help="BLOCK, the markers' name (%(default)s: the toy demo's; make real: "
+                    "real-results); pictures of another block get its name as a prefix")
+
+# the fields this report reads, checked as the files are read (a damaged file: one line)
+NUMBER = (int, float)
+RESULTS = {"accuracy": NUMBER, "ci95": list, "n": int, "n_unparsed": int, "config": dict}
+CURVES = {"step": int, "loss": NUMBER, "margin": NUMBER, "reward_acc": NUMBER,
+          "chosen_reward": NUMBER}
 
 # label in 07_eval -> (row name, training output dir, metrics file in it)
 METHODS = [
@@ -62,17 +77,23 @@ def mean_spread(xs: list[float], shared: bool) -> str:
             f"({' / '.join(f'{100 * x:.1f}' for x in xs)})")
 
 
+def row_name(label: str, name: str, res: dict) -> str:
+    """METHODS' row name; the base row of a real-model run names its model."""
+    if label == "base" and "00_toy" not in str(res["config"].get("model", "00_toy")):
+        return f"base ({res['config']['model']})"
+    return name
+
+
 def table(dirs: list[Path]) -> list[str]:
     lines = [f"| method | accuracy % (seed 0) [95% CI] | accuracy % over {len(dirs)} seed(s): "
              "mean ± sd (each seed) | n | unparsed | train steps | train s |",
              "|---|---|---|---|---|---|---|"]
     for label, name, train_dir, metrics in METHODS:
         res = [d / "07_eval" / label / "results.json" for d in dirs]
-        res = [json.loads(p.read_text()) for p in res if p.exists()]
+        res = [read_json(p, RESULTS) for p in res if p.exists()]
         if not res:
             continue
-        if label == "base" and "00_toy" not in str(res[0]["config"].get("model", "00_toy")):
-            name = f"base ({res[0]['config']['model']})"
+        name = row_name(label, name, res[0])
         lo, hi = res[0]["ci95"]
         costs = [training_cost(d / train_dir / metrics) for d in dirs] if train_dir else []
         costs = [c for c in costs if c]
@@ -83,6 +104,69 @@ def table(dirs: list[Path]) -> list[str]:
                      f"| {res[0]['n']} "
                      f"| {res[0]['n_unparsed']} | {steps} | {secs} |")
     return lines
+
+
+def other_sets(run_dir: Path) -> list[str]:
+    """The same models on the run's other evaluation sets (07_eval_<set>/, make real's GSM8K and
+    MATH500 subsets): right of n, and how many answers --max-new-tokens cut (graded wrong)."""
+    sets = sorted(d for d in run_dir.glob("07_eval_*") if any(d.glob("*/results.json")))
+    if not sets:
+        return []
+    heads, cells, names = [], {}, {}
+    for d in sets:
+        res = {p.parent.name: read_json(p, RESULTS) for p in d.glob("*/results.json")}
+        any_res = next(iter(res.values()))
+        cfg = any_res["config"]
+        cut = f", {cfg['max_new_tokens']} new tokens" if "max_new_tokens" in cfg else ""
+        heads.append(f"{Path(cfg['data']).name} ({d.name}, n={any_res['n']}{cut})")
+        for label, r in res.items():
+            names.setdefault(label, r)
+            right = round(r["accuracy"] * r["n"])
+            cells.setdefault(label, {})[d.name] = (
+                f"{right}/{r['n']}, {r.get('n_truncated', 0)} cut")
+    lines = ["", "The same models on the other evaluation sets: right of n, and how many "
+             "answers the token limit cut (graded wrong).", "",
+             "| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for label, name, *_ in METHODS:
+        if label in cells:
+            row = [cells[label].get(d.name, "-") for d in sets]
+            lines.append(f"| {row_name(label, name, names[label])} | " + " | ".join(row) + " |")
+    return lines
+
+
+def pipeline(run_dir: Path) -> list[str]:
+    """What the stages of a (real-model) run made, counted from their files: 01's samples (right,
+    cut by the token limit, problems with both right and wrong), 03's pairs, 04's scored tokens,
+    and each preference training's step-0 loss (ln 2 = 0.6931: policy = reference) and last
+    reward margin."""
+    out = []
+    samples = run_dir / "01_sample" / "samples.jsonl"
+    if samples.exists():
+        recs = read_jsonl(samples)
+        flat = [s for r in recs for s in r["samples"]]
+        right = sum(s["correct"] for s in flat)
+        cut = sum(s.get("truncated", False) for s in flat)
+        mixed = sum(0 < sum(s["correct"] for s in r["samples"]) < len(r["samples"])
+                    for r in recs)
+        out.append(f"01 wrote {len(flat)} samples of {len(recs)} problems: {right} right "
+                   f"({100 * right / max(1, len(flat)):.0f}%), {cut} cut by the token limit "
+                   f"({100 * cut / max(1, len(flat)):.0f}%: never graded right, never trained "
+                   f"on); {mixed} problems have both right and wrong samples.")
+    pairs = run_dir / "03_contrastive_sft" / "pairs.jsonl"
+    if pairs.exists():
+        out.append(f"03 made {len(read_jsonl(pairs))} pairs.")
+    scored = run_dir / "04_score_tokens" / "pairs.jsonl"
+    if scored.exists():
+        recs = read_jsonl(scored)
+        out.append(f"04 scored {sum(len(r['rejected_ids']) for r in recs):,} rejected tokens of "
+                   f"{len(recs)} pairs.")
+    for _, name, train_dir, metrics in METHODS[2:]:
+        f = run_dir / train_dir / metrics
+        if f.exists():
+            m = read_jsonl(f)
+            out.append(f"{name}: {len(m)} steps, loss {m[0]['loss']:.4f} at step 0 -> "
+                       f"{m[-1]['loss']:.4f}, reward margin {m[-1]['margin']:.4f} at the last.")
+    return ["", "### What the stages made", "", " ".join(out)] if out else []
 
 
 def smooth(xs: list[float], window: int = 10) -> list[float]:
@@ -101,7 +185,7 @@ def plot_curves(run_dir: Path, path: Path) -> bool:
         f = run_dir / train_dir / metrics
         if not f.exists():
             continue
-        recs = read_jsonl(f)
+        recs = read_jsonl(f, CURVES)
         steps = [r["step"] for r in recs]
         for ax, key in zip(axes, ("loss", "margin", "reward_acc", "chosen_reward")):
             raw = [r[key] for r in recs]
@@ -123,7 +207,7 @@ def studies(run_dir: Path) -> list[str]:
     lines = []
     loc = run_dir / "02_localize" / "summary.json"
     if loc.exists():
-        s = json.loads(loc.read_text())
+        s = read_json(loc)
         lines += ["", "### Step-DPO localization (02)", "",
                   f"{s['samples']} wrong samples, a first wrong step located in {s['located']}, "
                   f"{s['pairs']} step pairs; {s['rollouts_per_sample']:.1f} rollouts per sample."]
@@ -132,16 +216,25 @@ def studies(run_dir: Path) -> list[str]:
                           f" of located steps agree; {100 * s['pair_precision']:.0f}% of chosen "
                           "steps are right.")
     study = run_dir / "08_critical_tokens" / "study.json"
-    if study.exists():
-        s = json.loads(study.read_text())
-        ks = s["k"]
+    if study.exists() and "pass_at_k_kept" not in read_json(study):
+        lines += ["", f"{study} predates the fresh-rollout measurement: rerun "
+                  "08_critical_tokens.py (after removing its answers.jsonl)."]
+    elif study.exists():
+        s = read_json(study)
+        ks, n = s["k"], s["config"]["rollouts"]
         lines += ["", "### Critical tokens (08): pass@k when the critical token is kept or "
                   "replaced", "",
-                  f"Critical token found in {s['with_critical']} of {s['answers']} wrong answers.",
+                  f"Critical token found in {s['with_critical']} of {s['answers']} wrong answers: "
+                  f"{s['found_primary']} by the released rule itself (an all-wrong prefix no "
+                  f"later prefix cancelled), {s['found_fallback']} by its fallback (the last "
+                  "cancelled candidate). A wrong answer nearly always has an all-wrong prefix "
+                  "somewhere, so the count says little; the pass@k below does. It is measured "
+                  f"on fresh rollouts ({n} per answer and case, seeds independent of the "
+                  "search rollouts, on which the kept token fails every time by definition).",
                   "", "| k | " + " | ".join(map(str, ks)) + " |", "|---" * (len(ks) + 1) + "|",
-                  "| replaced | " + " | ".join(f"{100 * v:.1f}" for v in s["pass_at_k_without"])
+                  "| replaced | " + " | ".join(f"{100 * v:.1f}" for v in s["pass_at_k_replaced"])
                   + " |",
-                  "| kept | " + " | ".join(f"{100 * v:.1f}" for v in s["pass_at_k_with"]) + " |",
+                  "| kept | " + " | ".join(f"{100 * v:.1f}" for v in s["pass_at_k_kept"]) + " |",
                   "", "Contrastive-estimation weights (04) vs the rollout critical token: mean "
                   f"rank {s['weight_rank_mean']:.1f}; precision@1/3/5 " +
                   " / ".join(f"{s['precision_at_k'][k]:.2f}" for k in ("1", "3", "5")) +
@@ -154,24 +247,28 @@ def sweep(run_dir: Path) -> list[str]:
     """runs/toy_sweep.sh's grid: every (method, lr, beta) on the dev split, to choose by, and on
     the test split, to report; the best dev accuracy of each method in bold."""
     root = run_dir / "sweep"
-    acc = lambda split, label: json.loads(  # noqa: E731
-        (root / f"07_eval_{split}" / label / "results.json").read_text())["accuracy"]
-    rows = []
+    acc = lambda split, label: read_json(  # noqa: E731
+        root / f"07_eval_{split}" / label / "results.json", {"accuracy": NUMBER})["accuracy"]
+    rows, n_dev = [], set()
     for res in sorted((root / "07_eval_dev").glob("*/results.json")):
         label = res.parent.name
         cfg = root / label / "model" / "training_config.json"
         if not cfg.exists() or not (root / "07_eval_test" / label / "results.json").exists():
             continue
-        cfg = json.loads(cfg.read_text())
+        cfg = read_json(cfg)
         rows.append((cfg["method"], cfg["lr"], cfg["beta"], acc("dev", label), acc("test", label)))
+        n_dev.add(read_json(res).get("n"))
     if not rows:
         return []
+    n_dev = sorted(n for n in n_dev if n is not None)  # what the dev results say they hold
+    n_dev = (f"{n_dev[0]} problems, " if len(n_dev) == 1 else
+             f"{' / '.join(map(str, n_dev))} problems, " if n_dev else "")
     order = {label: k for k, (label, *_) in enumerate(METHODS)}
     rows.sort(key=lambda r: (order.get(r[0], 99), r[1], r[2]))
     best = {m: max(r[3] for r in rows if r[0] == m) for m, *_ in rows}
     names = {label: name for label, name, *_ in METHODS}
     lines = ["", "### Learning rate and beta (runs/toy_sweep.sh)", "",
-             "Same pairs and seed as the table above; dev = the toy dev split (150 problems, "
+             f"Same pairs and seed as the table above; dev = the toy dev split ({n_dev}"
              "to choose by), test = the toy test split. Bold: each method's best on dev.", "",
              "| method | lr | beta | dev accuracy % | test accuracy % |", "|---|---|---|---|---|"]
     for method, lr, beta, dev, test in rows:
@@ -188,16 +285,18 @@ def main(args):
         fail(f"{run_dir}/07_eval: no evaluations yet; run 07_eval.py first")
     # what the base row was evaluated on names the run: the toy world, or a real model's run
     base = run_dir / "07_eval" / "base" / "results.json"
-    cfg = json.loads(base.read_text())["config"] if base.exists() else {}
+    cfg = read_json(base, RESULTS)["config"] if base.exists() else {}
     toy = "00_toy" in str(cfg.get("model", "00_toy"))
-    data = "the toy test split" if toy else Path(cfg.get("data", "?")).name
+    data = "the toy test split" if toy else str(cfg.get("data", "?"))
     lines = [f"# Results: {'toy world' if toy else run_dir.name}", "",
              f"Greedy accuracy on {data}; {len(dirs)} seed(s): "
              f"{', '.join(str(d) for d in dirs)}.",
              "Training cost = optimizer steps and seconds of the training stage (mean over seeds).",
-             ""] + table(dirs)
+             ""] + table(dirs) + other_sets(run_dir)
     if plot_curves(run_dir, run_dir / "training_curves.png"):
         lines += ["", "![training curves](training_curves.png)"]
+    if not toy:
+        lines += pipeline(run_dir)
     lines += studies(run_dir)
     lines += sweep(run_dir)
     lines += ["", "Critical-token heatmap: [04_score_tokens/critical_tokens.html]"
@@ -206,24 +305,28 @@ def main(args):
     write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.readme:
-        to_readme(Path(args.readme), run_dir, lines[2:])
+        to_readme(Path(args.readme), run_dir, lines[2:], args.readme_block)
 
 
-def to_readme(readme: Path, run_dir: Path, lines: list[str]):
-    """Replace the block between the results markers: the README shows what this run produced,
-    never numbers typed by hand. Pictures go to docs/ (tracked); the HTML link points at the run."""
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+def to_readme(readme: Path, run_dir: Path, lines: list[str], block: str = "results"):
+    """Replace the block between the '<!-- {block}:begin -->' and '<!-- {block}:end -->'
+    markers: the README shows what this run produced, never numbers typed by hand. Pictures go to
+    docs/ (tracked; named '{block}-<name>' for any block but the toy demo's 'results', so two
+    blocks never share a file); the HTML link points at the run."""
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
     text = readme.read_text(encoding="utf-8")
     if begin not in text or end not in text:
         fail(f"{readme}: no '{begin}' ... '{end}' block to fill")
     docs = readme.parent / "docs"
     docs.mkdir(exist_ok=True)
+    prefix = "" if block == "results" else f"{block}-"
     body = []
     for line in lines:
         for png in ("training_curves.png", "08_critical_tokens/pass_at_k.png"):
             if f"({png})" in line and (run_dir / png).exists():
-                shutil.copyfile(run_dir / png, docs / Path(png).name)
-                line = line.replace(f"({png})", f"(docs/{Path(png).name})")
+                name = prefix + Path(png).name
+                shutil.copyfile(run_dir / png, docs / name)
+                line = line.replace(f"({png})", f"(docs/{name})")
         body.append(line.replace("(04_score_tokens/", f"({run_dir}/04_score_tokens/"))
     head, rest = text.split(begin, 1)
     write_text(readme, head + begin + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1])

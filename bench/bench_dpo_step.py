@@ -27,7 +27,9 @@ the length of the recipes' 8-shot prompts (~800 tokens), for a model that has no
 Each layout runs in a fresh subprocess: --warmup steps, then the median of --steps. Peak memory
 comes from a second subprocess (1 warmup step and 1 step, glibc returning every large block at
 once): ru_maxrss after the steps minus before the reference pass (on GPU: max_memory_allocated
-minus the allocation before). Prints a markdown table.
+minus the allocation before). Prints the machine and a markdown table; the ratios in it
+("vs padded", "vs TRL": that layout's s/step over this one's; "peak vs padded": this one's peak
+extra memory as a share of padded's) are computed here, never by hand.
 """
 import argparse
 import importlib.util
@@ -237,7 +239,10 @@ def main(args):
                             MALLOC_MMAP_THRESHOLD_="65536")
         results[layout]["peak"] = memory["peak"]
     import torch
+
+    from machine import describe
     prompts = f" | prompts {args.prompt_tokens} tokens" if args.prompt_tokens else ""
+    print(describe(args.device, args.threads or None))
     print(f"model {args.model or 'toy-shaped random Llama (h128, L4, vocab 400)'} | pairs "
           f"{args.pairs or 'random, toy-shaped'}{prompts} | "
           f"device {args.device} | threads {args.threads or torch.get_num_threads()} | "
@@ -249,14 +254,19 @@ def main(args):
         spread = max(sums.values()) - min(sums.values())
         print(f"reference log-probs summed over the batch: {min(sums.values()):.4f} "
               f"(layouts differ by {spread:.2g})")
-    base = results.get("padded")
-    print("| layout | real tokens/step | token slots/step | s/step | vs padded | peak extra MiB "
-          "| reference pass s |")
-    print("|---|---|---|---|---|---|---|")
+    base, trl = results.get("padded"), results.get("trl")
+
+    def speed(ref, r):  # how many times faster than ref a step is
+        return f"{ref['time'] / r['time']:.2f}x" if ref else "-"
+
+    print("| layout | real tokens/step | token slots/step | s/step | vs padded | vs TRL | peak "
+          "extra MiB | peak vs padded | reference pass s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for layout, r in results.items():
-        speed = f"{base['time'] / r['time']:.2f}x" if base else "-"
-        print(f"| {layout} | {r['tokens'] or '-'} | {r['rows'] or '-'} | {r['time']:.3f} | {speed} "
-              f"| {r['peak'] / 2**20:.0f} | {r['ref_seconds'] or 0:.1f} |")
+        share = f"{100 * r['peak'] / base['peak']:.0f}%" if base and base["peak"] > 0 else "-"
+        print(f"| {layout} | {r['tokens'] or '-'} | {r['rows'] or '-'} | {r['time']:.3f} | "
+              f"{speed(base, r)} | {speed(trl, r)} | {r['peak'] / 2**20:.0f} | {share} | "
+              f"{r['ref_seconds'] or 0:.1f} |")
 
 
 if __name__ == "__main__":

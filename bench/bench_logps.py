@@ -3,10 +3,14 @@
     python bench/bench_logps.py                 # CPU: vocab 32k and 128k, B=2, T=512
     python bench/bench_logps.py --device cuda   # GPU: adds bf16 logits, B=4, T=2048
 
-Each variant runs in a fresh subprocess. Peak memory beyond the forward = (peak of forward +
-log-probs + backward) - (peak of the baseline: forward, then backward of logits.sum(), whose
-one logits-sized gradient every loss needs to reach lm_head), read from
-ru_maxrss on CPU and torch.cuda.max_memory_allocated on GPU. Target: under 25% of the logits
+Each variant runs in two fresh subprocesses: one times it (median of --repeats after a warm-up),
+one measures its memory. Peak memory beyond the forward = (peak of forward + log-probs +
+backward) - (peak of the baseline: forward, then backward of logits.sum(), whose one
+logits-sized gradient every loss needs to reach lm_head), read from ru_maxrss on CPU (with
+glibc's mmap threshold lowered, so that every large block goes back to the OS when freed and
+ru_maxrss is the true high-water mark) and torch.cuda.max_memory_allocated on GPU. The timing
+process keeps glibc's default threshold: the lowered one makes every large allocation a fresh
+mmap and its page faults, ~2x slower steps (BENCHMARKS.md). Target: under 25% of the logits
 tensor for token_logps (naive costs 100-200%). token_logps_4M: its chunks before they were
 sized by bytes (4M elements: 128-512 chunks of tiny kernels at vocabulary 128,256 on a GPU).
 Prints a markdown table for BENCHMARKS.md.
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import describe  # noqa: E402  (bench/, the script's own folder)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -77,7 +82,7 @@ def run_one(spec):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(spec["repeats"]):
+    for _ in range(spec["repeats"] if spec["measure"] == "time" else 1):
         t0 = time.perf_counter()
         variant()
         if dev.type == "cuda":
@@ -85,6 +90,15 @@ def run_one(spec):
         times.append(time.perf_counter() - t0)
     logits_bytes = B * T * spec["vocab"] * torch.finfo(dtype).bits // 8
     print(json.dumps({"peak": peak(), "time": statistics.median(times), "logits": logits_bytes}))
+
+
+def run_variant(spec, **env) -> dict:
+    """run_one in a fresh process. Memory runs pass MALLOC_MMAP_THRESHOLD_: glibc then hands every
+    block over 64 KiB back to the OS at once, so ru_maxrss is the true high-water mark, not an
+    allocator artefact; timed runs keep the default (a fresh mmap per large block is slow)."""
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, **env))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(args):
@@ -98,19 +112,18 @@ def main(args):
             for variant in ("baseline", "naive", "token_logps_4M", "token_logps"):
                 spec = dict(device=args.device, vocab=V, B=B, T=T, variant=variant, mode=mode,
                             repeats=args.repeats)
-                # A fixed mmap threshold makes glibc hand every large block back to the OS at
-                # once, so ru_maxrss is the true high-water mark, not an allocator artefact.
-                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-                out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
-                                     capture_output=True, text=True, check=True, env=env)
-                res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+                res[variant] = {"time": run_variant({**spec, "measure": "time"})["time"],
+                                **{k: v for k, v in run_variant(
+                                    {**spec, "measure": "memory"}, MALLOC_MMAP_THRESHOLD_="65536"
+                                ).items() if k != "time"}}
             base = res["baseline"]
             for variant in ("naive", "token_logps_4M", "token_logps"):
                 extra = res[variant]["peak"] - base["peak"]
                 rows.append((V, mode, variant, res[variant]["time"] * 1e3, extra / 2**20,
                              100 * extra / base["logits"], base["logits"] / 2**20))
-    print(f"device {args.device} | B {B} | T {T} | median of {args.repeats} | extra peak = "
-          "beyond the model's own forward (and, in train, its one logits-sized gradient)")
+    print(f"{describe(args.device, int(os.environ.get('OMP_NUM_THREADS', 0)) or None)} | "
+          f"B {B} | T {T} | median of {args.repeats} (timed apart from the memory runs) | extra "
+          "peak = beyond the model's own forward (and, in train, its one logits-sized gradient)")
     print("| vocab | pass | method | ms | extra peak MiB | % of logits | logits MiB |")
     print("|---|---|---|---|---|---|---|")
     for V, mode, name, ms, mib, pct, lmib in rows:

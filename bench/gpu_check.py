@@ -19,13 +19,24 @@ Phases (a phase the plan says cannot fit this machine is a SKIP that prints the 
              checkpoint, a fresh model and 2 more, with deterministic kernels: PASS when losses
              and weights agree bit for bit (training.save_checkpoint holds every RNG state)
 Each line: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated) and, for full tuning, MFU
-= 6 x params x tokens/s / (peak bf16 FLOP/s x GPUs) (recompute not counted, as usual). A memory
-line passes when the measured peak is within 10% above the plan or below it. No weights are
-downloaded: the checkpoint is random, written to --workdir.
+= 6 x params x tokens/s / (peak bf16 FLOP/s x GPUs) (recompute not counted, as usual), then what
+the verdict checked and what it could not. PASS means every check listed passed:
+  full, offload, lora  the model has the plan's parameter count (and LoRA its adapters' count),
+                       every step's loss and gradient norm are finite, the measured peak is at
+                       most 10% above the plan (GPU only: the plan is GPU memory), and LoRA's
+                       saved weights are W + s B A
+  sample               every row generated 1..N ids, all inside the vocabulary, ending as
+                       generate says (an end id, or N ids), and on a GPU the memory the batch
+                       took stays inside the budget --batch-size auto planned it for (80% of
+                       the free memory)
+  resume               bit for bit (above)
+On CPU the memory checks cannot run: the line says so, and the verdict covers the rest. No
+weights are downloaded: the checkpoint is random, written to --workdir.
 """
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -126,15 +137,17 @@ def train_phase(args, shape, path, device, world, lora: bool, offload: bool) -> 
         for b in batches:
             b["ref_logps"] = token_logps(model, b).float()
     peak_memory_gb(device)  # reset: the figure is the steps' own
-    times = []
+    times, finite = [], True
     for step in range(args.steps + 1):
         t = time.perf_counter()
+        loss = 0.0  # the step's summed loss, on the device: one host sync a step, below
         for k, b in enumerate(batches):
             sync_gradients(model, last_micro_batch=k == A - 1)
             logps = token_logps(model, b)
             losses, _, _ = cdpo.cdpo_loss(logps.float(), b["ref_logps"], b["weights"], 0.1)
             (losses.sum() / (m * A)).backward()
-        clip_grad_norm(model, 1.0)
+            loss = loss + losses.detach().sum()
+        finite &= math.isfinite(float(loss)) and math.isfinite(clip_grad_norm(model, 1.0))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if on_gpu:
@@ -143,7 +156,7 @@ def train_phase(args, shape, path, device, world, lora: bool, offload: bool) -> 
             times.append(time.perf_counter() - t)
     dt = sorted(times)[len(times) // 2]
     tokens = world * sum(int(b["attention_mask"].sum()) for b in batches)  # computed, all ranks
-    res = {"params": n_params, "trained": n_trained, "load_s": round(load_s, 1),
+    res = {"params": n_params, "trained": n_trained, "finite": finite, "load_s": round(load_s, 1),
            "step_s": round(dt, 3), "tokens_per_s": round(tokens / dt),
            "peak_gb": round(peak_memory_gb(device), 2)}
     if not lora:
@@ -175,20 +188,32 @@ def _tokenizer(path):
 
 
 def sample_phase(args, shape, path, device) -> dict:
-    model = load_model(path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    on_gpu = device.type == "cuda"
+    model = load_model(path, device, torch.bfloat16 if on_gpu else torch.float32)
     tok = _tokenizer(path)
-    P, N = 512, 256 if device.type == "cuda" else 8
-    batch = auto_batch_size(model, P, N, device) if device.type == "cuda" else 4
+    P, N = 512, 256 if on_gpu else 8
+    free = torch.cuda.mem_get_info(device)[0] if on_gpu else None  # what auto-sizing sees
+    batch = auto_batch_size(model, P, N, device, free=free) if on_gpu else 4
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, shape["vocab"], (batch, P), generator=g).tolist()
     peak_memory_gb(device)
+    held = torch.cuda.memory_allocated(device) if on_gpu else 0
     t = time.perf_counter()
     outs = generate(model, tok, prompts, seeds=list(range(batch)), temperature=1.0, top_p=0.95,
                     max_new_tokens=N)
     dt = time.perf_counter() - t
+    took = torch.cuda.max_memory_allocated(device) - held if on_gpu else None
     new = sum(len(o["ids"]) for o in outs)
+    gen_eos = model.generation_config.eos_token_id  # generate stops at these and the tokenizer's
+    ends = {tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])}
+    well_formed = len(outs) == batch and all(
+        1 <= len(o["ids"]) <= N and all(0 <= i < shape["vocab"] for i in o["ids"])
+        and (o["finish"] == "length" and len(o["ids"]) == N
+             or o["finish"] == "eos" and o["ids"][-1] in ends) for o in outs)
     res = {"batch": batch, "new_tokens": new, "tokens_per_s": round(new / dt),
-           "peak_gb": round(peak_memory_gb(device), 2)}
+           "peak_gb": round(peak_memory_gb(device), 2), "rows_ok": well_formed,
+           "took_gb": round(took / 1e9, 2) if on_gpu else None,
+           "budget_gb": round(0.8 * free / 1e9, 2) if on_gpu else None}
     del model
     return res
 
@@ -263,13 +288,17 @@ def main(args):
         lora, offload = phase == "lora", phase == "offload"
         if phase == "sample":
             res = sample_phase(args, shape, path, device)
-            verdict = "PASS"
-            line = (f"batch {res['batch']} (auto), {res['tokens_per_s']} new tokens/s, peak "
-                    f"{res['peak_gb']} GB of {gpu_gb:.0f}")
+            checks = {"rows well-formed": res["rows_ok"],
+                      "memory within auto's budget": res["took_gb"] <= res["budget_gb"]
+                      if on_gpu else None}
+            line = (f"batch {res['batch']}{' (auto)' if on_gpu else ''}, {res['tokens_per_s']} "
+                    f"new tokens/s, peak {res['peak_gb']} GB of {gpu_gb:.0f}" +
+                    (f", generate took {res['took_gb']} GB of the {res['budget_gb']} GB "
+                     "budget" if on_gpu else ""))
         elif phase == "resume":
             res = resume_phase(args, device)
-            exact = res["straight"] == res["resumed"] and res["max_weight_diff"] == 0.0
-            verdict = "PASS" if exact else "FAIL"
+            checks = {"bit for bit": res["straight"] == res["resumed"]
+                      and res["max_weight_diff"] == 0.0}
             line = (f"losses straight {res['straight']}, resumed {res['resumed']}, largest "
                     f"weight difference {res['max_weight_diff']:.3g}")
         else:
@@ -284,20 +313,34 @@ def main(args):
                 continue
             res = train_phase(args, shape, path, device, world, lora, offload)
             res["planned_gb"] = round(plan["gpu_total"], 2)
-            fits = not on_gpu or res["peak_gb"] <= 1.1 * plan["gpu_total"]
-            merged = res.get("merge_max_err", 0.0) <= 0.02  # rank 0 checks the saved file
-            verdict = "PASS" if fits and merged else "FAIL"
+            base = memory_plan.n_params(shape)[0]
+            adapters = memory_plan.n_lora(shape, 16, memory_plan.ATTN + memory_plan.MLP)
+            checks = {"parameters as planned": (res["params"], res["trained"]) == (
+                          (base + adapters, adapters) if lora else (base, base)),
+                      "finite loss and grad norm": res["finite"],
+                      "peak <= 1.1 x plan": res["peak_gb"] <= 1.1 * plan["gpu_total"]
+                      if on_gpu else None}
+            if lora:  # rank 0 checks the saved file; the others have nothing to compare
+                checks["merge = W + s B A"] = res.get("merge_max_err", 0.0) <= 0.02
             line = (f"{res['params'] / 1e9:.2f}B params ({res['trained'] / 1e9:.3f}B trained), "
                     f"{res['tokens_per_s']} tokens/s, peak {res['peak_gb']} GB vs planned "
                     f"{res['planned_gb']} GB" + (f", MFU {res['mfu']:.1%}" if "mfu" in res else "")
                     + (f", merge error {res.get('merge_max_err', 0):.2g}, save {res['save_s']}s"
                        if lora else ""))
-        res.update(phase=phase, verdict=verdict, shape=args.shape, layers=shape["layers"],
+        failed = [k for k, ok in checks.items() if ok is False]
+        verdict = "FAIL" if failed else "PASS"
+        line += (f" | failed: {', '.join(failed)}" if failed else "") + " | checked: " + ", ".join(
+            k for k, ok in checks.items() if ok is not None) + "".join(
+            f"; not checked on CPU: {k}" for k, ok in checks.items() if ok is None)
+        res.update(phase=phase, verdict=verdict, checks=checks, shape=args.shape,
+                   layers=shape["layers"],
                    world=world, device=torch.cuda.get_device_name(device) if on_gpu else "cpu")
         print0(f"{verdict} {phase}: {line}")
         results.append(res)
     if rank == 0 and args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank is done with the workdir before rank 0 removes it
     if rank == 0 and not os.environ.get("GPU_CHECK_KEEP"):
         shutil.rmtree(args.workdir, ignore_errors=True)
     dist_teardown()

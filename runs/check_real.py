@@ -5,11 +5,14 @@
   01  every sample graded (pred, correct, truncated, eos_id); some right and some wrong; at least
       one problem with both (cDPO needs it); a truncated sample is never right
   02  step pairs non-empty; chosen != rejected; prefix + rejected is a prefix of a sample's text
-  03  pairs non-empty; pos/ and neg/ load as ordinary HF dirs (config, safetensors, tokenizer)
+  03  pairs non-empty; pos/ and neg/ load as ordinary HF dirs (AutoModelForCausalLM from
+      safetensors, AutoTokenizer with the base model's vocabulary), give finite logits on a
+      prompt, and differ from each other (trained on different sets)
   04  weights parallel to ids, in [0, 1]; prompt_ids = the prompt tokenized as the tokenizer
       starts a text (SmolLM2: no BOS added, the template's <|im_start|> once at the front);
       chosen and rejected end with their end id (<|im_end|>)
   05  (cDPO and DPO) and 06 (Step-DPO): step 0 loss = ln 2 (policy = reference), rewards 0
+      (a missing loss or reward field fails: it is not read as 0)
   07  every label's results.json: 0 <= lo <= accuracy <= hi <= 1, n > 0, for each data set
 Prints one line per check and exits 1 on the first failure.
 """
@@ -59,13 +62,28 @@ def check_02(run: Path) -> str:
     return f"02 {len(pairs)} step pairs from {len({p['problem_id'] for p in pairs})} problems"
 
 
-def check_03(run: Path) -> str:
+def check_03(run: Path, model: Path) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     pairs = rows(run / "03_contrastive_sft/pairs.jsonl")
+    vocab = AutoTokenizer.from_pretrained(str(model)).get_vocab()
+    weights = {}
     for side in ("pos", "neg"):
         d = run / "03_contrastive_sft" / side
-        for f in ("config.json", "model.safetensors", "tokenizer.json"):
-            assert (d / f).is_file(), f"03: {d / f} missing"
-    return f"03 {len(pairs)} pairs; pos/ and neg/ models written"
+        assert list(d.glob("*.safetensors")), f"03: no safetensors in {d}"
+        tok = AutoTokenizer.from_pretrained(str(d))
+        assert tok.get_vocab() == vocab, f"03: {d}'s tokenizer is not the base model's"
+        lm = AutoModelForCausalLM.from_pretrained(str(d), use_safetensors=True).eval()
+        ids = torch.tensor([tok(pairs[0]["prompt"], add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits
+        assert torch.isfinite(logits).all(), f"03: {d} gives non-finite logits"
+        weights[side] = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+        del lm
+    assert any(not torch.equal(weights["pos"][k], weights["neg"][k]) for k in weights["pos"]), \
+        "03: pos/ and neg/ hold the same weights"
+    return (f"03 {len(pairs)} pairs; pos/ and neg/ load as HF models (safetensors, the base "
+            "model's tokenizer), give finite logits and differ")
 
 
 def check_04(run: Path, model: Path) -> str:
@@ -99,14 +117,16 @@ def _ends(model: Path) -> set[int]:
 def check_train(run: Path, stage: str) -> str:
     m = rows(run / stage / "metrics.jsonl")
     first = m[0]
+    missing = {"step", "loss", "chosen_reward", "rejected_reward", "margin"} - first.keys()
+    assert not missing, f"{stage}: step 0 metrics lack {sorted(missing)}"
     assert first["step"] == 0, f"{stage}: first metrics step {first['step']}"
     assert abs(first["loss"] - math.log(2)) < 1e-3, f"{stage}: step 0 loss {first['loss']} != ln 2"
     for k in ("chosen_reward", "rejected_reward"):
-        assert abs(first.get(k, 0.0)) < 1e-3, f"{stage}: step 0 {k} {first[k]}"
+        assert abs(first[k]) < 1e-3, f"{stage}: step 0 {k} {first[k]}"
     assert (run / stage / "model" / "model.safetensors").is_file(), f"{stage}: no model"
     last = m[-1]
-    return (f"{stage} {len(m)} steps: loss {first['loss']:.4f} (ln 2) -> {last['loss']:.4f}, "
-            f"margin {last.get('margin', float('nan')):.3f}")
+    return (f"{stage} {len(m)} steps: step 0 loss {first['loss']:.4f} (ln 2) and rewards 0; "
+            f"last loss {last['loss']:.4f}, margin {last['margin']:.3f}")
 
 
 def check_07(run: Path) -> str:
@@ -128,7 +148,7 @@ def main():
     ap.add_argument("--model", default="runs/smollm2/model")
     args = ap.parse_args()
     run, model = Path(args.run_dir), Path(args.model)
-    checks = [lambda: check_01(run), lambda: check_02(run), lambda: check_03(run),
+    checks = [lambda: check_01(run), lambda: check_02(run), lambda: check_03(run, model),
               lambda: check_04(run, model), lambda: check_train(run, "05_train_cdpo"),
               lambda: check_train(run, "05_train_dpo"),
               lambda: check_train(run, "06_train_stepdpo"), lambda: check_07(run)]

