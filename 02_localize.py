@@ -38,12 +38,12 @@ from pathlib import Path
 
 import torch
 
-from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, encode_prompt,
-                    encode_steps, fail, load_model, load_tokenizer, print0, read_jsonl, seed_for,
-                    write_json, write_jsonl)
+from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, each,
+                    encode_prompt, encode_steps, fail, load_model, load_tokenizer, print0,
+                    read_jsonl, read_text, seed_for, write_json, write_jsonl)
 from judge import ask_judge, judge_message, parse_verdict
 from mathtext import STOP_STRINGS, grade, split_steps
-from sampling import auto_batch_size, batch_size_arg, file_stamp, generate, Progress, resume_share
+from sampling import auto_batch_size, batch_size_arg, file_stamp, Progress, resume_share, Sampler
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,8 +63,8 @@ g.add_argument("--temperature", type=float, default=0.5, help="rollout temperatu
 g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
 g.add_argument("--max-new-tokens", type=int, default=128, help="tokens per continuation")
 g.add_argument("--stop", nargs="*", default=STOP_STRINGS, help="stop strings (mathtext's)")
-g.add_argument("--batch-size", type=batch_size_arg, default=64, help="continuations per generate "
-               "call, or auto: as many as free device memory holds (sampling.auto_batch_size)")
+g.add_argument("--batch-size", type=batch_size_arg, default=64, help="continuations decoded side "
+               "by side, or auto: as many as free device memory holds (sampling.auto_batch_size)")
 add_model_args(parser)
 g = parser.add_argument_group("judge")
 g.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (…/v1) to locate k")
@@ -217,13 +217,13 @@ def main(args):
         fail(f"--threshold {args.threshold}: must be in [0, 1)")
     print0(f"config: {json.dumps(vars(args))}")
     problems = read_jsonl(samples_path, {"id": str, "prompt": str, "answer": (str, int, float),
-                                         "samples": list})[:args.limit or None]
+                                         "samples": each({"text": str, "correct": bool},
+                                                         {"truncated": bool})}
+                          )[:args.limit or None]
     wrong_samples = select_wrong_samples(problems, args.per_problem)
     if not wrong_samples:
         fail(f"{samples_path}: no wrong samples to localize")
-    if args.judge_url and not Path(args.judge_prompt).is_file():
-        fail(f"--judge-prompt {args.judge_prompt}: no such file")
-    template = Path(args.judge_prompt).read_text(encoding="utf-8") if args.judge_url else None
+    template = read_text(args.judge_prompt, "check --judge-prompt") if args.judge_url else None
 
     # Load: the model; resume only what these very weights, samples and config produced
     tok = load_tokenizer(model_path, args.trust_remote_code)
@@ -249,37 +249,50 @@ def main(args):
         verdicts[s["id"]] = pool.submit(ask_judge, args.judge_url, args.judge_model, msg,
                                         os.environ.get(args.judge_key_env), args.judge_timeout)
 
-    # Loop in rounds: one generate call for the rollouts of all samples in flight; each moves on
+    # Loop: one Sampler for the whole run. A sample in flight asks for the rollouts of one
+    # prefix; once they are all back it moves on (its next probe, or rectification) and its next
+    # rows queue at once, so every decode step is a full batch. Each context is computed once,
+    # and a probe's context that extends or cuts an earlier one only computes what is new.
+    sampler = Sampler(model, tok, args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                      max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
     progress, sampled, cut, t0 = Progress(len(mine), unit="samples"), 0, 0, time.time()
-    waiting, active = list(reversed(mine)), []  # active: [(sample, its Localization)]
-    while waiting or active:
-        while waiting and len(active) < max(1, args.batch_size // args.rollouts):
+    waiting, asked = list(reversed(mine)), {}  # sample id -> (sample, Localization, ask, outs)
+
+    def ask(s, loc):  # queue the rollouts that loc asks for next: (j, first rollout, count)
+        j, r0, n = asked_for = loc.request()
+        asked[s["id"]] = (s, loc, asked_for, {})
+        for r in range(r0, r0 + n):
+            sampler.add((s["id"], r), s["ctx"][j],
+                        seed_for(args.seed, s["rec"]["id"], s["sample_idx"], j, r))
+
+    def top_up():  # samples in flight: about two batches of rows queued or decoding
+        while waiting and len(asked) * args.rollouts < 2 * args.batch_size:
             s = waiting.pop()
             if (loc := start(s, tok, verdicts, args)) is None:
                 store.append(record_of(s, None))
                 progress.update(1)
             else:
-                active.append((s, loc))
-        asks = [loc.request() for _, loc in active]  # [(j, first rollout index, count)]
-        rows = [(s, j, r) for (s, _), (j, r0, n) in zip(active, asks) for r in range(r0, r0 + n)]
-        outs = []
-        for b in range(0, len(rows), args.batch_size):  # one call unless --batch-size < --rollouts
-            chunk = rows[b:b + args.batch_size]
-            outs += generate(model, tok, [s["ctx"][j] for s, j, _ in chunk], seeds=[
-                seed_for(args.seed, s["rec"]["id"], s["sample_idx"], j, r) for s, j, r in chunk],
-                temperature=args.temperature, top_p=args.top_p,
-                max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
-        sampled, cut = sampled + len(outs), cut + sum(o["finish"] == "length" for o in outs)
-        for (s, loc), (j, _, n) in zip(active, asks):  # each sample's rows are consecutive
-            got, outs = outs[:n], outs[n:]
-            prefix = "".join(s["steps"][:j])  # a rollout succeeds if p_j + it grades right, uncut
-            loc.take(j, got, [grade(prefix + o["text"], str(s["rec"]["answer"]),
-                                    o["finish"] == "length")[1] for o in got])
-            if loc.request() is None:
-                store.append(record_of(s, loc))
-                progress.update(1, rollouts_per_s=sampled / (time.time() - t0),
-                                truncated=cut / max(1, sampled))
-        active = [(s, loc) for s, loc in active if loc.request() is not None]
+                ask(s, loc)
+
+    top_up()
+    for (sid, r), cont in sampler.results():  # cont: one rollout's continuation
+        s, loc, (j, r0, n), outs = asked[sid]
+        outs[r] = cont
+        sampled, cut = sampled + 1, cut + (cont["finish"] == "length")
+        if len(outs) < n:
+            continue
+        got = [outs[i] for i in range(r0, r0 + n)]
+        prefix = "".join(s["steps"][:j])  # a rollout succeeds if p_j + it grades right, uncut
+        loc.take(j, got, [grade(prefix + o["text"], str(s["rec"]["answer"]),
+                                o["finish"] == "length")[1] for o in got])
+        if loc.request() is None:
+            del asked[sid]
+            store.append(record_of(s, loc))
+            progress.update(1, rollouts_per_s=sampled / (time.time() - t0),
+                            truncated=cut / max(1, sampled))
+        else:
+            ask(s, loc)
+        top_up()
     progress.close()
 
     # Write: rank 0 merges the ranks' records, then pairs and summary from the records

@@ -3,11 +3,13 @@
 Shared by the stages that generate or score record by record (01, 02, 04, 07, 08) and by the toy
 world (00):
 
-  generate          batched, per-row seeded sampling over a KV cache allocated once (_KVBuffer);
-                    stops at every end id (end_ids) and stop string and says why it stopped
-  GradedSampling    the loop of 01 and 07: n seeded samples of each problem, rows of several
-                    problems packed into each generate call, each sample graded, a progress
-                    line, the throughput summed over ranks; add_sampling_args /
+  generate          (from generation.py, where the sampler lives) per-row seeded sampling with
+                    continuous batching, each prompt computed once; stops at every end id and
+                    stop string and says why it stopped
+  GradedSampling    the loop of 01 and 07: n seeded samples of each problem, all through one
+                    Sampler (a full batch every step), each sample graded as soon as its
+                    problem's last one is back, a progress line, the throughput summed over
+                    ranks; add_sampling_args /
                     check_sampling_args: its flags and their checks
   response_eos      the end id a finished sample is trained with (03, 04)
   batch sizing      --batch-size auto: auto_batch_size from kv_bytes_per_token and free_memory
@@ -28,193 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers.cache_utils import CacheLayerMixin
 
 from common import (all_reduce_sum, barrier, encode_prompt, fail, get_rank, get_world,
-                    jsonl_text, position_ids, print0, read_jsonl, seed_for, write_json,
-                    write_text)
+                    jsonl_text, print0, read_json, read_jsonl, seed_for, write_json, write_text)
+from generation import end_ids, generate, Sampler  # noqa: F401 (generate: the stages' import)
 from mathtext import add_template_arg, grade, STOP_STRINGS
-
-
-def _sample_rows(logits, temperature, top_p, u):
-    """One next token per row. logits (B, V); u (B,) uniforms in [0, 1). Greedy when
-    temperature == 0; otherwise nucleus sampling by inverting each row's CDF at its own u, so a
-    row's draw depends on its logits and its seed only, never on the other rows."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # smallest set whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
-    # Invert in vocabulary order: sorted order could be reshuffled by near-ties between batches
-    cdf = probs.cumsum(-1)  # (B, V)
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # (B, 1): first cdf > u
-    return pick.clamp_(max=cdf.shape[-1] - 1)[:, 0]
-
-
-@functools.lru_cache(maxsize=8)
-def _may_end_stop(tok, stop: tuple[str, ...], vocab: int) -> list[bool]:
-    """[vocab] bools: tokens that could complete a stop string (their text holds a stop string's
-    last character, or a partial UTF-8 byte), so generate decodes a row's tail only after them."""
-    if any(not s or s[-1].isspace() for s in stop):  # spaces decode apart from context: check all
-        return [True] * vocab
-    n = min(vocab, len(tok))
-    pieces = tok.batch_decode([[i] for i in range(n)])
-    ends = {s[-1] for s in stop} | {"\ufffd"}
-    return [any(c in p for c in ends) for p in pieces] + [True] * (vocab - n)
-
-
-def end_ids(model, tok) -> list[int]:
-    """Every id that ends a turn: the tokenizer's eos and each eos id of the model's generation
-    config (Llama-3-Instruct lists <|end_of_text|> and <|eot_id|>; its chat turns end with the
-    second), as transformers' own generate stops at."""
-    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if cfg is None else [cfg] if isinstance(cfg, int) else list(cfg)
-    return sorted({int(i) for i in ids} | ({tok.eos_token_id} - {None}))
-
-
-class _KVBuffer(CacheLayerMixin):
-    """One attention layer's keys and values, allocated once for a whole generate call:
-    (b, kv_heads, capacity, head_dim) each, capacity = longest prompt + max_new_tokens. A forward
-    writes its q new positions in place at [:, :, length:length + q] and attends to the views
-    [:, :, :length + q]: the shapes transformers' DynamicLayer builds with torch.cat, so the
-    same attention, without copying the layer's whole cache every step."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states, value_states):
-        """Shapes, dtype and device (and under TP this rank's heads) as the first forward gives."""
-        self.keys = key_states.new_empty((*key_states.shape[:2], self.capacity,
-                                          key_states.shape[-1]))
-        self.values = value_states.new_empty((*value_states.shape[:2], self.capacity,
-                                              value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        """key_states (b, h, q, d_k), value_states (b, h, q, d_v) -> every position so far."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        self.keys[:, :, self.length:end] = key_states
-        self.values[:, :, self.length:end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0  # (kv_length, kv_offset), as DynamicLayer
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        """Keep the rows `indices` (n,), moved to the front of the same buffers; only the filled
-        positions are copied, and no second buffer is allocated."""
-        n, end = len(indices), self.length
-        self.keys[:n, :, :end] = self.keys[indices, :, :end]
-        self.values[:n, :, :end] = self.values[indices, :, :end]
-        self.keys, self.values = self.keys[:n], self.values[:n]
-
-
-def _kv_cache(model, capacity: int):
-    """A transformers Cache for `model`, laid out from its config as the model's own default
-    DynamicCache (one layer per decoder layer), with every full-attention layer a _KVBuffer. The
-    other kinds (sliding-window, linear-attention, shared-KV layers) keep transformers' own
-    layer: their memory is bounded by the window or the state size."""
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-    layers = DynamicCache(config=model.config).layers
-    return Cache(layers=[_KVBuffer(capacity) if type(layer) is DynamicLayer else layer
-                         for layer in layers])
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], seeds: list[int] | None = None,
-             temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
-             stop: tuple[str, ...] = ()) -> list[dict]:
-    """Continue each prompt (token ids, BOS included). Left padding + a KV cache allocated once
-    (_KVBuffer); a row stops at any end id (end_ids), at any stop string, or after
-    max_new_tokens. Row i draws its step-t token with uniform t of its own CPU generator seeded by
-    seeds[i], so its text does not depend on the device or on what else is in the batch.
-    A finished row stays in the batch, its tokens ignored, until a quarter of the batch has
-    finished; then the finished rows leave the batch and the cache together. One host sync per
-    step: the new tokens, for the end and stop checks.
-    Returns [{"ids": generated ids (the end id kept if produced), "text": decoded text cut at a
-    stop string, "finish": "eos" | "stop" | "length" (cut by max_new_tokens: truncated)}]."""
-    device = next(model.parameters()).device
-    ends = set(end_ids(model, tok))
-    B, P = len(prompts), max(len(p) for p in prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
-    # the attention mask of every step, written once: the prompts' padding, then ones
-    mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)  # (B, P + N)
-    mask[:, :P] = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    pos = position_ids(mask[:, :P])  # (B, P): a row's first real token is position 0
-    u = None
-    if temperature > 0:
-        u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s))
-                         for s in (seeds or [0] * B)]).to(device)  # (B, max_new_tokens)
-    ids = [[] for _ in range(B)]  # generated ids of each prompt, on the host
-    finish = ["length"] * B
-    live = list(range(B))  # the prompt of each batch row
-    live_idx = torch.arange(B, device=device)  # (b,) the same, on the device
-    running = [True] * B  # per batch row: False once finished (until the row leaves)
-    window = max((len(s) for s in stop), default=0) + 2  # tokens that surely hold a stop string
-    may_stop, past = None, _kv_cache(model, P + max_new_tokens)
-    for t in range(max_new_tokens):
-        # logits_to_keep=1: only the last position's logits, (b, 1, V). The prefill of a
-        # 256 x 800-token batch at vocabulary 128,256 would otherwise build (b, P, V) logits of
-        # 52 GB in bf16, just to read their last column.
-        logits = model(input_ids=input_ids, attention_mask=mask[:, :P + t],
-                       position_ids=pos, past_key_values=past, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]  # (b, V)
-        nxt = _sample_rows(logits, temperature, top_p, None if u is None else u[live_idx, t])
-        if stop and may_stop is None:
-            may_stop = _may_end_stop(tok, tuple(stop), logits.shape[-1])
-        # The step's one host sync: the new ids, for the end and stop checks and the outputs.
-        # (transformers' sdpa mask code also reads the padding mask on the host, at the start of
-        # the next forward, when the device has nothing queued.)
-        for i, token in enumerate(nxt.tolist()):
-            if not running[i]:
-                continue
-            row = live[i]
-            ids[row].append(token)
-            if token in ends:
-                finish[row], running[i] = "eos", False
-            elif stop and may_stop[token]:  # decode only tails that may complete a stop string
-                tail = tok.decode(ids[row][-window:])
-                if any(s in tail for s in stop):
-                    finish[row], running[i] = "stop", False
-        done = running.count(False)
-        if done == len(running):
-            break
-        # A finished row costs its share of every later step (on a GPU mostly the read of its
-        # cache by attention); leaving costs a read and a write of the filled cache of every row
-        # that stays. Waiting for a quarter of the batch bounds the waste at a quarter of a step,
-        # repays the copy within ~6 steps (2 x 3/4 against 1/4 of the cache read per step) and
-        # keeps the copies few: log base 4/3 of the batch (~19 for 256 rows instead of up to 256),
-        # under 4 caches' worth in all. (On a 2-core CPU, where a row's matmuls dominate, leaving
-        # at once was ~5% faster: BENCHMARKS.md.)
-        if 4 * done >= len(running):
-            keep = [i for i, r in enumerate(running) if r]
-            keep_idx = torch.tensor(keep, device=device)
-            past.batch_select_indices(keep_idx)
-            live, running = [live[i] for i in keep], [True] * len(keep)
-            live_idx, nxt = live_idx[keep_idx], nxt[keep_idx]
-            mask, pos = mask[keep_idx], pos[keep_idx]
-        input_ids = nxt[:, None]  # (b, 1): the cache holds everything before it
-        pos = pos[:, -1:] + 1  # (b, 1)
-    results = []
-    for row_ids, why in zip(ids, finish):
-        text = tok.decode(row_ids, skip_special_tokens=True)
-        for s in stop:
-            text = text.split(s)[0]
-        results.append({"ids": row_ids, "text": text, "finish": why})
-    return results
 
 
 class GradedSampling:
@@ -242,38 +62,37 @@ class GradedSampling:
         batch_size = a.batch_size if a.batch_size != "auto" else auto_batch_size(
             model, max(map(len, ids.values()), default=0), a.max_new_tokens, self.device,
             get_world() if a.tp else 1)
-        # The (problem, k) rows of several problems share each generate call. Sample k of
-        # problem q draws with seed_for(seed, q, k): it does not depend on the batch, the ranks
-        # or a resume.
-        rows = [(p, k) for p in problems for k in range(a.n)]
-        outs_of = {p["id"]: [] for p in problems}
+        # One Sampler for every (problem, k) row: a full batch every step, each problem's
+        # prompt computed once for its n rows. Sample k of problem q draws with
+        # seed_for(seed, q, k): it does not depend on the batch, the ranks or a resume.
+        sampler = Sampler(model, tok, batch_size, temperature=a.temperature, top_p=a.top_p,
+                          max_new_tokens=a.max_new_tokens, stop=tuple(STOP_STRINGS))
+        for p in problems:
+            for k in range(a.n):
+                sampler.add((p["id"], k), ids[p["id"]], seed_for(a.seed, p["id"], k))
+        problem_of = {p["id"]: p for p in problems}
+        outs_of = {p["id"]: {} for p in problems}
         progress = Progress(len(problems), unit="problems")
         right, cut, graded, t0 = 0, 0, 0, time.time()
-        for b in range(0, len(rows), batch_size):
-            chunk = rows[b:b + batch_size]
-            outs = generate(model, tok, [ids[p["id"]] for p, _ in chunk],
-                            seeds=[seed_for(a.seed, p["id"], k) for p, k in chunk],
-                            temperature=a.temperature, top_p=a.top_p,
-                            max_new_tokens=a.max_new_tokens, stop=tuple(STOP_STRINGS))
-            for (p, _), o in zip(chunk, outs):
-                outs_of[p["id"]].append(o)
-                self.tokens += len(o["ids"])
-            self.rows += len(chunk)
-            finished = [p for p, k in chunk if k == a.n - 1]  # their last sample is back
-            for p in finished:
-                p_outs = outs_of.pop(p["id"])
-                samples = []
-                for o in p_outs:
-                    pred, correct = grade(o["text"], p["answer"], o["finish"] == "length")
-                    samples.append({"text": o["text"], "pred": pred, "correct": correct,
-                                    "truncated": o["finish"] == "length"})
-                yield p, samples, p_outs
-                right += sum(s["correct"] for s in samples)
-                cut += sum(s["truncated"] for s in samples)
-                graded += len(samples)
-                dt = time.time() - t0
-                progress.update(1, samples_s=self.rows / dt, tok_s=self.tokens / dt,
-                                acc=right / graded, truncated=cut / graded)
+        for (pid, k), o in sampler.results():
+            outs_of[pid][k] = o
+            self.rows, self.tokens = self.rows + 1, self.tokens + len(o["ids"])
+            if len(outs_of[pid]) < a.n:
+                continue
+            p, got = problem_of[pid], outs_of.pop(pid)
+            p_outs = [got[k] for k in range(a.n)]
+            samples = []  # its last sample is back: grade them all
+            for o in p_outs:
+                pred, correct = grade(o["text"], p["answer"], o["finish"] == "length")
+                samples.append({"text": o["text"], "pred": pred, "correct": correct,
+                                "truncated": o["finish"] == "length"})
+            yield p, samples, p_outs
+            right += sum(s["correct"] for s in samples)
+            cut += sum(s["truncated"] for s in samples)
+            graded += len(samples)
+            dt = time.time() - t0
+            progress.update(1, samples_s=self.rows / dt, tok_s=self.tokens / dt,
+                            acc=right / graded, truncated=cut / graded)
         progress.close()
         self.seconds = time.time() - t0
 
@@ -422,42 +241,36 @@ class ResumableJsonl:
         what rank 0 computes) reads the parts and keeps `done` but writes nothing."""
         self.path, self.writer = Path(path), writer
         self.part = self.path.with_name(f"{self.path.name}.part{rank}")
-        self.part.parent.mkdir(parents=True, exist_ok=True)
         self.done = {}
+        stamp = self.path.with_name(f"{self.path.name}.fingerprint.json")
         if fingerprint is not None:  # resume only what the same inputs and settings produced
-            stamp = self.path.with_name(f"{self.path.name}.fingerprint.json")
             fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
-            prev = json.loads(stamp.read_text()) if stamp.exists() else None
+            prev = read_json(stamp, hint="delete it, or pass another --out") \
+                if stamp.exists() else None
             parts = self.path.parent.glob(f"{self.path.name}.part*")
             if prev not in (None, fingerprint) and (self.path.exists() or any(parts)):
                 changed = sorted(k for k in {*prev, *fingerprint}
                                  if prev.get(k) != fingerprint.get(k))
                 fail(f"{self.path} holds records of another run ({', '.join(changed)} changed: a "
                      "retrained model or rewritten input counts); pass another --out or delete it")
+        # every record read (a damaged one stops here, one line) before anything is written
+        for part in sorted(self.path.parent.glob(f"{self.path.name}.part*")):
+            self._load(part)
+        if self.path.exists():  # a finished earlier run: everything in it is done
+            for rec in read_jsonl(self.path, {"id": str}):
+                self.done[rec["id"]] = rec
+        if fingerprint is not None:
             barrier()  # every rank has compared before rank 0 rewrites the stamp
             if rank == 0 and writer:
                 write_json(stamp, fingerprint)
-        for part in self.path.parent.glob(f"{self.path.name}.part*"):
-            self._load(part, truncate=part == self.part and writer)
-        if self.path.exists():  # a finished earlier run: everything in it is done
-            for rec in read_jsonl(self.path):
-                self.done[rec["id"]] = rec
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        if writer and self.part.exists():  # drop a torn last line: a write killed midway
+            os.truncate(self.part, self.part.read_bytes().rfind(b"\n") + 1)
         self._f = open(self.part, "a", encoding="utf-8") if writer else None
 
-    def _load(self, part: Path, truncate: bool):
-        good = 0  # byte offset after the last whole line
-        with open(part, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                self.done[rec["id"]] = rec
-                good += len(line)
-        if truncate and part.stat().st_size != good:
-            os.truncate(part, good)
+    def _load(self, part: Path):
+        for rec in read_jsonl(part, {"id": str}, partial=True):
+            self.done[rec["id"]] = rec
 
     def append(self, rec: dict):
         if self.writer:
@@ -470,7 +283,7 @@ class ResumableJsonl:
         """Rank 0 only: collect every rank's records, write the final file in `ids` order."""
         self.close()
         for part in self.path.parent.glob(f"{self.path.name}.part*"):
-            self._load(part, truncate=False)
+            self._load(part)
         missing = [i for i in ids if i not in self.done]
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} records missing after merge")

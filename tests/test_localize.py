@@ -297,15 +297,14 @@ def test_real_run_summary_and_resume_after_kill(toy_world, tmp_path, monkeypatch
         assert 1 <= r["oracle_step"] <= r["n_steps"] and r["status"] in ("p0_zero", "paired",
                                                                             "no_pairs")
 
-    # kill after the third generate call, leave a torn line behind, then run again
-    real, calls = loc.generate, []
-
-    def dying(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(loc, "generate", dying)
+    # kill after 20 of the 48 rollouts, leave a torn line behind, then run again
+    class Dying(loc.Sampler):
+        def results(self):
+            for i, item in enumerate(super().results()):
+                if i == 20:
+                    raise KeyboardInterrupt
+                yield item
+    monkeypatch.setattr(loc, "Sampler", Dying)
     with pytest.raises(KeyboardInterrupt):
         loc.main(args_for(run, model))
     part = run / "02_localize" / "records.jsonl.part0"
@@ -313,7 +312,7 @@ def test_real_run_summary_and_resume_after_kill(toy_world, tmp_path, monkeypatch
     assert 0 < len(kept) < 12
     with part.open("a") as f:
         f.write('{"id": "torn')
-    monkeypatch.setattr(loc, "generate", real)
+    monkeypatch.undo()
     loc.main(args_for(run, model))
     resumed = read(run / "02_localize" / "records.jsonl")
     assert resumed == whole  # per-row seeds: same samples whatever was in flight with them
@@ -322,31 +321,38 @@ def test_real_run_summary_and_resume_after_kill(toy_world, tmp_path, monkeypatch
         (tmp_path / "whole" / "pairs.jsonl").read_text()
 
 
-def solver_generate(records):
-    """A perfect toy solver in place of the model: continues any prefix with correct arithmetic
-    from its last value, so p_j reaches the gold answer exactly when s_1..s_j are right. The
-    search must then find the exact first wrong step of every sample."""
+def solver_sampler(records, finish="eos"):
+    """A perfect toy solver in place of the model's Sampler: continues any prefix with correct
+    arithmetic from its last value, so p_j reaches the gold answer exactly when s_1..s_j are
+    right. The search must then find the exact first wrong step of every sample. finish: what
+    every continuation reports as its end ("length": cut by --max-new-tokens)."""
     by_prompt = {r["prompt"]: r for r in records}
 
-    def generate(model, tok, prompts, seeds=None, **kw):
-        out = []
-        for ids in prompts:
-            text = tok.decode(ids, skip_special_tokens=True)
-            prompt = text[:text.index("\nAnswer:") + len("\nAnswer:")]
-            rec, done = by_prompt[prompt], STEP.findall(text[len(prompt):])
-            start = int(done[-1][4]) if done else None
-            worked = {"answer": rec["solution"] + "\n#### ?"}  # the gold steps, as in 00_toy
-            out.append({"ids": [], "text": toy_solution(worked, start, first=len(done) + 1),
-                        "finish": "eos"})
-        return out
-    return generate
+    class SolverSampler:
+        def __init__(self, model, tok, *args, **kw):
+            self.tok, self.queue = tok, []
+
+        def add(self, key, prompt, seed=0):
+            self.queue.append((key, prompt))
+
+        def results(self):
+            while self.queue:
+                key, ids = self.queue.pop(0)
+                text = self.tok.decode(ids, skip_special_tokens=True)
+                prompt = text[:text.index("\nAnswer:") + len("\nAnswer:")]
+                rec, done = by_prompt[prompt], STEP.findall(text[len(prompt):])
+                start = int(done[-1][4]) if done else None
+                worked = {"answer": rec["solution"] + "\n#### ?"}  # the gold steps, as 00_toy
+                yield key, {"ids": [], "text": toy_solution(worked, start, first=len(done) + 1),
+                            "finish": finish}
+    return SolverSampler
 
 
 def test_exact_rollouts_find_the_oracle_step(toy_world, tmp_path, monkeypatch):
     run = tmp_path / "run"
     records = toy_samples(toy_world, 12, seed=3)
     write_samples(run, records)
-    monkeypatch.setattr(loc, "generate", solver_generate(records))
+    monkeypatch.setattr(loc, "Sampler", solver_sampler(records))
     values = {r["id"]: r["step_values"] for r in records}
     cost = {}
     for scan in ("binary", "linear"):
@@ -471,9 +477,7 @@ def test_cut_rollouts_never_succeed_and_cut_samples_are_not_localized(toy_world,
     records = toy_samples(toy_world, 6, seed=3)
     records[0]["samples"][1]["truncated"] = True  # unfinished, not wrong
     write_samples(run, records)
-    solver = solver_generate(records)
-    monkeypatch.setattr(loc, "generate", lambda *a, **kw: [
-        {**o, "finish": "length"} for o in solver(*a, **kw)])
+    monkeypatch.setattr(loc, "Sampler", solver_sampler(records, finish="length"))
     loc.main(args_for(run, toy_world / "00_toy" / "model"))
     summary = json.loads((run / "02_localize" / "summary.json").read_text())
     assert summary["samples"] == 11 and summary["truncated_samples_skipped"] == 1
