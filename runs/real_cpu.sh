@@ -5,9 +5,10 @@
 # chat template (--template chat: the question alone as the user message). Sizes are tiny: this
 # run shows that every stage works on a real model, not what the methods gain (see the table's
 # intervals). Then runs/check_real.py asserts the invariants on what the stages wrote.
-#   bash runs/real_cpu.sh          (what `make real` runs; ~17 min on 2 cores, +35 s the first time)
-# Measured on 2 AMD EPYC cores, 2026-12-02: 1022 s after the model was built (time make real:
-# 17 min 8 s). Training: LoRA r 8, 4 optimizer steps per stage. Full fine-tuning is not much
+#   bash runs/real_cpu.sh          (what `make real` runs; ~13 min on 2 cores)
+# Measured on 2 AMD EPYC cores, nothing else running, 2026-12-06: time make real 12 min 31 s from
+# scratch (the stamps: build 25 s, 01 75 s, 02 69 s, 07 base 95 s, 03-06 179 s, 07 trained 297 s).
+# Training: LoRA r 8, 4 optimizer steps per stage. Full fine-tuning is not much
 # slower here (03, 8 answers a step: 16-17 s vs 11-14 s with LoRA, 5.8 vs 5.5 GB), but at 03's
 # toy learning rate (2e-4) its loss rose from 0.68 to 1.07 within 2 steps; LoRA's did not.
 set -euo pipefail
@@ -39,7 +40,7 @@ $PY runs/real_problems.py --out "$RUN/problems/test.jsonl" --n "$TEST_N" --seed 
   --exclude "$RUN/problems/train.jsonl"
 stamp build
 
-# 01: 4 samples at temperature 0.7 (top-p 0.95) for each training problem, graded (~2 min:
+# 01: 4 samples at temperature 0.7 (top-p 0.95) for each training problem, graded (~75 s:
 # 24% right, half the problems with both right and wrong samples).
 $SPLIT 01_sample.py \
   --run-dir "$RUN" \
@@ -50,7 +51,7 @@ $SPLIT 01_sample.py \
 stamp 01
 
 # 02: Step-DPO pairs: first wrong step of one wrong sample per problem, 4 rollouts per prefix
-# (~100 s, ~30 step pairs).
+# (~70 s, ~30 step pairs).
 $SPLIT 02_localize.py \
   --run-dir "$RUN" \
   --model "$MODEL" \
@@ -107,7 +108,7 @@ $ALONE 06_train_stepdpo.py \
   --lora-r 8 --max-steps "$STEPS" --batch-size 4 --micro-batch-size 4
 stamp 06
 
-# 07: every trained model on the same three sets (~7 min).
+# 07: every trained model on the same three sets (~5 min).
 evaluate \
   --model "$RUN/03_contrastive_sft/pos" --label sft \
   --model "$RUN/05_train_dpo/model" --label dpo \
@@ -121,7 +122,10 @@ for d in 07_eval 07_eval_gsm8k 07_eval_math500; do
   echo "### $d" && cat "$RUN/$d/summary.md"
 done
 
-# 09: results.md and the training curves, from the files above.
+# 09: results.md and the training curves, from the files above, and the same tables into the
+# README's make real section (between its real-results markers; nothing there is typed by hand).
 $PY 09_report.py \
-  --run-dir "$RUN"
+  --run-dir "$RUN" \
+  --readme README.md \
+  --readme-block real-results
 stamp done
