@@ -258,12 +258,7 @@ def read_json(path, required: dict | None = None,
               hint: str = "fix it, or re-run the stage that writes it") -> dict:
     """One JSON object from a file (a model's config.json, a resume record), with read_jsonl's
     one-line errors; `hint` says what to do about a damaged file."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"{path}: no such file; {hint}")
-    text = _text(path.read_bytes(), str(path))
-    if not text.strip():
-        fail(f"{path}: empty file; {hint}")
+    text = read_text(path, hint)
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
