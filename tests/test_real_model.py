@@ -2,9 +2,12 @@
 its tokenizer is the GGUF's own BPE, and our batched generate picks the tokens transformers'
 generate picks.
 
-  greedy   sampling.generate(temperature 0) on 16 real GSM8K chat prompts in ONE left-padded batch
-           returns, row by row, the ids model.generate(do_sample=False) returns, up to and
-           including the first end id (every eos id of the generation config, as HF stops)
+  greedy   sampling.generate(temperature 0) on 16 real GSM8K chat prompts (one Sampler: the rows
+           side by side in KV slots of their own lengths) returns, row by row, the ids
+           model.generate(do_sample=False) returns for one left-padded batch, up to and including
+           the first end id (every eos id of the generation config, as HF stops); so do 6 of
+           them twice over 5 slots (refilled as rows end, each prompt computed once), and with
+           refilling and sharing off
   tokens   the saved tokenizer encodes like an independent byte-level BPE over the GGUF's own
            vocabulary and merges (digits split one by one, llama.cpp's `smollm` rule), and never
            adds <|im_start|> (its bos_token) itself
@@ -41,8 +44,9 @@ def hf_end_ids(model) -> set[int]:
 
 
 def test_greedy_generate_equals_transformers(smollm2):
-    """16 GSM8K test questions, chat template, one left-padded batch of prompts 56-140 tokens long,
-    48 new tokens: our ids = HF's ids, row by row, up to each row's end."""
+    """16 GSM8K test questions, chat template, prompts 56-140 tokens long, 48 new tokens: our ids =
+    HF's ids (one left-padded batch), row by row, up to each row's end; also with refilling and
+    prompt sharing at work (6 prompts twice over 5 slots) and with both off."""
     from common import encode_prompt
     from mathtext import format_prompt, load_problems
     from sampling import generate
@@ -68,6 +72,11 @@ def test_greedy_generate_equals_transformers(smollm2):
         assert o["ids"] == h[:stop], f"row {i}: ours {o['ids']} vs HF {h[:stop]}"
         assert o["finish"] == ("eos" if stop < len(h) or h[-1] in ends else "length")
     assert 0 < sum(len(o["ids"]) for o in ours)
+    for kw in (dict(), dict(share_prompts=False, refill=False)):
+        again = generate(model, tok, prompts[:6] * 2, max_new_tokens=24, batch_size=5, **kw)
+        for i, o in enumerate(again):
+            h = hf[i % 6][:24]
+            assert o["ids"] == h[:next((j + 1 for j, t in enumerate(h) if t in ends), 24)], (kw, i)
 
 
 def test_tokenizer_is_the_gguf_bpe(smollm2_dir):
