@@ -54,9 +54,7 @@ def _nucleus(probs, top_p: float):
     row (topk's values are the sort's first k, and the cumulative sum of the first k is the
     same numbers: on CPU it accumulates one element at a time in double)."""
     V = probs.shape[-1]
-    for k in (64, 1024, V):
-        if k > V and k != V:
-            continue
+    for k in (min(64, V), min(1024, V), V):
         top, idx = probs.topk(k, -1) if k < V else probs.sort(-1, descending=True)  # (B, k)
         before = top.cumsum(-1) - top  # (B, k) mass of the more likely tokens
         if k == V or bool((before[:, -1] >= top_p).all()):
@@ -350,8 +348,6 @@ class Sampler:
         self.waiting[ids] -= 1
         if not self.waiting[ids]:
             del self.waiting[ids]
-            if not self.share:
-                self.prompts.pop(ids, None)
         u = _uniforms(seed, self.max_new_tokens) if self.temperature > 0 else None
         token = sample_rows(logits[None], self.temperature, self.top_p,
                             None if u is None else torch.tensor(u[:1], device=self.device))

@@ -20,7 +20,6 @@ world (00):
   Progress          one updating stderr line: done/total, rate, ETA
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch.distributed as dist
 
 from common import (all_reduce_sum, barrier, encode_prompt, fail, get_rank, get_world,
                     jsonl_text, print0, read_json, read_jsonl, seed_for, write_json, write_text)
-from generation import end_ids, generate, Sampler  # noqa: F401 (generate: the stages' import)
+from generation import end_ids, generate, Sampler  # noqa: F401 (the stages' imports)
 from mathtext import add_template_arg, grade, STOP_STRINGS
 
 
