@@ -47,8 +47,9 @@ from pathlib import Path
 import torch
 
 from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, fail,
-                    load_model, load_tokenizer, print0, write_json, write_text)
-from mathtext import format_prompt, is_equiv, load_problems, pass_at_k, STOP_STRINGS
+                    load_model, load_tokenizer, print0, read_json, read_jsonl, write_json,
+                    write_jsonl, write_text)
+from mathtext import format_prompt, grade, is_equiv, load_problems, pass_at_k, STOP_STRINGS
 from sampling import (add_sampling_args, check_sampling_args, file_stamp, GradedSampling,
                       resume_share)
 
@@ -68,6 +69,8 @@ add_model_args(parser)
 g = parser.add_argument_group("table")
 g.add_argument("--summary", "--compare", action="store_true", help="only write and print the "
                "table over every label in the output dir")
+g.add_argument("--regrade", action="store_true", help="grade every stored answer in the output "
+               "dir again with the current grader and rewrite its results (no model is run)")
 
 SHAPES_RESULTS = ("model", "data", "split", "template", "n", "temperature", "top_p",
                   "max_new_tokens", "seed")  # config a resumed run must share with the first
@@ -215,8 +218,34 @@ def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: 
     return res
 
 
+def regrade(out_root: Path):
+    """--regrade: after a grader fix, every <label>/generations.jsonl is graded again
+    (mathtext.grade, as the sampling loop grades) and its results.json rewritten from the new
+    verdicts; the answers, the throughput and the config stay those of the run."""
+    for gen in sorted(out_root.glob("*/generations.jsonl")):
+        old = read_json(gen.parent / "results.json", {"accuracy": (int, float), "config": dict})
+        cfg, records = old["config"], read_jsonl(gen, {"id": str, "output": str, "gold": str})
+        changed = 0
+        for r in records:
+            for s in r.get("samples", []):
+                s["pred"], s["correct"] = grade(s["text"], r["gold"], s.get("truncated", False))
+            pred, correct = grade(r["output"], r["gold"], r.get("truncated", False))
+            changed += correct != r["correct"]
+            r["pred"], r["correct"] = pred, correct
+        ids = {r["id"] for r in records}  # the problems, in the records' (problem) order
+        problems = [p for p in load_problems(cfg["data"], cfg["split"]) if p["id"] in ids]
+        res = {**old, **results_of(records, problems, cfg["n"])}
+        write_jsonl(gen, records)
+        write_json(gen.parent / "results.json", res)
+        print(f"{gen.parent}: {changed} of {len(records)} verdicts changed, accuracy "
+              f"{old['accuracy']:.3f} -> {res['accuracy']:.3f}")
+
+
 def main(args):
     out_root = Path(args.out or Path(args.run_dir) / "07_eval")
+    if args.regrade:
+        regrade(out_root)
+        args.summary = True
     if args.summary:
         if not list(out_root.glob("*/results.json")):
             fail(f"{out_root}: no results yet (run 07_eval.py first)")

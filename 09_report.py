@@ -20,10 +20,13 @@ Writes <run-dir>/results.md             the table (mean and spread over seeds), 
       --readme-block real-results                                            # make real
 """
 import argparse
+import math
 import shutil
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from common import fail, read_json, read_jsonl, write_text
 
@@ -54,6 +57,10 @@ METHODS = [
     ("dpo", "DPO (05 --uniform)", "05_train_dpo", "metrics.jsonl"),
     ("cdpo", "cDPO (05)", "05_train_cdpo", "metrics.jsonl"),
     ("stepdpo", "Step-DPO (06)", "06_train_stepdpo", "metrics.jsonl"),
+    # Step-DPO as its release runs it: from an SFT model (here 03's positive model), on the pairs
+    # 02 made with the base model (make study)
+    ("stepdpo-sft", "Step-DPO from SFT (06 --model sft)", "06_train_stepdpo_sft",
+     "metrics.jsonl"),
 ]
 
 
@@ -106,6 +113,71 @@ def table(dirs: list[Path]) -> list[str]:
     return lines
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value. Of the b + c problems on which two models disagree, b
+    favour the first; under "neither is better" each disagreement is a fair coin, so
+    p = min(1, 2 P[Binomial(b + c, 1/2) <= min(b, c)])."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+
+def paired_interval(diffs: np.ndarray, reps: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of mean(diffs), diffs (n_problems,) = one model's per-problem
+    score minus the other's on the same problems: resample problems (both models together, which
+    is what makes it paired), take the 2.5th and 97.5th percentiles of the resampled means."""
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(reps, len(diffs)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def per_problem(path: Path) -> dict[str, bool] | None:
+    """{problem id: graded right} of one 07 evaluation (its generations.jsonl), or None."""
+    if not path.exists():
+        return None
+    return {r["id"]: bool(r["correct"]) for r in read_jsonl(path, {"id": str, "correct": bool})}
+
+
+def paired(dirs: list[Path], ref: str, eval_dir: str = "07_eval") -> list[str]:
+    """Each method minus `ref` on the same problems, in points: per seed the difference with its
+    paired-bootstrap 95% interval and exact McNemar p; pooled, each problem's difference averaged
+    over the seeds, then bootstrapped over problems (problems are the unit; seeds are repeats)."""
+    runs = {label: [per_problem(d / eval_dir / label / "generations.jsonl") for d in dirs]
+            for label, *_ in METHODS}
+    refs = runs[ref]
+    if not any(refs):
+        return []
+    head = " | ".join(f"seed {k}: Δ [95% CI], p" for k in range(len(dirs)))
+    lines = ["", f"Paired against {ref} ({eval_dir}): difference in points on the same problems, "
+             "95% paired-bootstrap interval, exact McNemar p; pooled = per-problem difference "
+             "averaged over seeds.", "",
+             f"| method - {ref} | {head} | pooled Δ [95% CI] |", "|---" * (len(dirs) + 2) + "|"]
+    for label, name, *_ in METHODS:
+        if label in (ref, "base") or not any(runs[label]):  # base - DPO is DPO - base negated
+            continue
+        cells, pooled = [], []
+        for k, (mine, theirs) in enumerate(zip(runs[label], refs)):
+            theirs = theirs or refs[0]  # the base model is evaluated once, shared by the seeds
+            if not mine or not theirs or set(mine) != set(theirs):
+                cells.append("-")
+                continue
+            ids = sorted(mine)
+            d = np.array([int(mine[i]) - int(theirs[i]) for i in ids], dtype=np.float64)
+            lo, hi = paired_interval(d, seed=k)
+            p = mcnemar_p(int((d > 0).sum()), int((d < 0).sum()))
+            cells.append(f"{100 * d.mean():+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={p:.3g}")
+            pooled.append(d)
+        if len(pooled) > 1 and len({len(d) for d in pooled}) == 1:
+            d = np.mean(pooled, axis=0)
+            lo, hi = paired_interval(d)
+            pool = f"{100 * d.mean():+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        else:
+            pool = "-"
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {pool} |")
+    return lines
+
+
 def other_sets(run_dir: Path) -> list[str]:
     """The same models on the run's other evaluation sets (07_eval_<set>/, make real's GSM8K and
     MATH500 subsets): right of n, and how many answers --max-new-tokens cut (graded wrong)."""
@@ -137,8 +209,9 @@ def other_sets(run_dir: Path) -> list[str]:
 def pipeline(run_dir: Path) -> list[str]:
     """What the stages of a (real-model) run made, counted from their files: 01's samples (right,
     cut by the token limit, problems with both right and wrong), 03's pairs, 04's scored tokens,
-    and each preference training's step-0 loss (ln 2 = 0.6931: policy = reference) and last
-    reward margin."""
+    and each preference training's step-0 loss (ln 2 = 0.6931: policy = reference), last reward
+    margin and late chosen reward (beta log pi/pi_ref of the chosen answer: below 0, the policy
+    made the right answer less likely while widening the margin)."""
     out = []
     samples = run_dir / "01_sample" / "samples.jsonl"
     if samples.exists():
@@ -164,8 +237,11 @@ def pipeline(run_dir: Path) -> list[str]:
         f = run_dir / train_dir / metrics
         if f.exists():
             m = read_jsonl(f)
+            tail = m[-10:]  # the chosen reward's fall is likelihood displacement, if any
             out.append(f"{name}: {len(m)} steps, loss {m[0]['loss']:.4f} at step 0 -> "
-                       f"{m[-1]['loss']:.4f}, reward margin {m[-1]['margin']:.4f} at the last.")
+                       f"{m[-1]['loss']:.4f}, reward margin {m[-1]['margin']:.4f} at the last, "
+                       f"chosen reward {statistics.mean(r['chosen_reward'] for r in tail):+.4f} "
+                       f"(mean of the last {len(tail)} steps).")
     return ["", "### What the stages made", "", " ".join(out)] if out else []
 
 
@@ -211,10 +287,28 @@ def studies(run_dir: Path) -> list[str]:
         lines += ["", "### Step-DPO localization (02)", "",
                   f"{s['samples']} wrong samples, a first wrong step located in {s['located']}, "
                   f"{s['pairs']} step pairs; {s['rollouts_per_sample']:.1f} rollouts per sample."]
+        check = run_dir / "02_localize" / "step_check.json"
+        if check.exists():  # real text, read against the generated problems' values
+            c = read_json(check)
+            lines[-1] += (f" Read against the problems' known values (runs/check_steps.py): "
+                          f"{c['located_is_first_wrong']} of {c['located']} located steps are "
+                          f"the first wrong one, {c['chosen_right']} of {c['pairs']} chosen "
+                          f"steps read right; {100 * c['first_step_share']:.0f}% of located "
+                          "steps are the answer's first.")
         if "oracle_agreement" in s:  # the toy world knows every step's true value
             lines[-1] += (f" Against the exact first wrong step: {100 * s['oracle_agreement']:.0f}%"
                           f" of located steps agree; {100 * s['pair_precision']:.0f}% of chosen "
                           "steps are right.")
+    audit = run_dir / "grader_audit.json"
+    if audit.exists():
+        a = read_json(audit)
+        lines += ["", "### The grader on the real model's answers (runs/audit_grader.py)", "",
+                  f"mathtext.grade and a second grader written separately "
+                  f"(runs/second_grader.py) give the same verdict on {a['same_verdict']} of "
+                  f"{a['answers']} answers ({100 * a['same_share']:.1f}%; answers not cut, "
+                  f"numeric gold). Of the {a['disagreements']} disagreements, "
+                  f"{a['read_by_hand']} were read by hand: mathtext.grade right on "
+                  f"{a['project_right']}, the second grader on {a['second_right']}."]
     study = run_dir / "08_critical_tokens" / "study.json"
     if study.exists() and "pass_at_k_kept" not in read_json(study):
         lines += ["", f"{study} predates the fresh-rollout measurement: rerun "
@@ -253,10 +347,12 @@ def sweep(run_dir: Path) -> list[str]:
     for res in sorted((root / "07_eval_dev").glob("*/results.json")):
         label = res.parent.name
         cfg = root / label / "model" / "training_config.json"
-        if not cfg.exists() or not (root / "07_eval_test" / label / "results.json").exists():
+        if not cfg.exists():
             continue
         cfg = read_json(cfg)
-        rows.append((cfg["method"], cfg["lr"], cfg["beta"], acc("dev", label), acc("test", label)))
+        test = (acc("test", label) if (root / "07_eval_test" / label / "results.json").exists()
+                else None)  # make study's sweep stays off the test split
+        rows.append((cfg["method"], cfg["lr"], cfg["beta"], acc("dev", label), test))
         n_dev.add(read_json(res).get("n"))
     if not rows:
         return []
@@ -267,14 +363,17 @@ def sweep(run_dir: Path) -> list[str]:
     rows.sort(key=lambda r: (order.get(r[0], 99), r[1], r[2]))
     best = {m: max(r[3] for r in rows if r[0] == m) for m, *_ in rows}
     names = {label: name for label, name, *_ in METHODS}
-    lines = ["", "### Learning rate and beta (runs/toy_sweep.sh)", "",
-             f"Same pairs and seed as the table above; dev = the toy dev split ({n_dev}"
-             "to choose by), test = the toy test split. Bold: each method's best on dev.", "",
+    toy = all(r[4] is not None for r in rows)
+    lines = ["", f"### Learning rate and beta ({'runs/toy_sweep.sh' if toy else 'on dev'})", "",
+             f"Same pairs and seed as the table above; dev = the {'toy ' if toy else ''}dev split "
+             f"({n_dev}to choose by), test = the {'toy ' if toy else ''}test split"
+             f"{'' if toy else ' (- : not evaluated, the test split is for final settings)'}. "
+             "Bold: each method's best on dev.", "",
              "| method | lr | beta | dev accuracy % | test accuracy % |", "|---|---|---|---|---|"]
     for method, lr, beta, dev, test in rows:
         mark = "**" if dev == best[method] else ""
         lines.append(f"| {names.get(method, method)} | {lr:g} | {beta:g} | {mark}{100 * dev:.1f}"
-                     f"{mark} | {100 * test:.1f} |")
+                     f"{mark} | {'-' if test is None else f'{100 * test:.1f}'} |")
     return lines
 
 
@@ -292,7 +391,7 @@ def main(args):
              f"Greedy accuracy on {data}; {len(dirs)} seed(s): "
              f"{', '.join(str(d) for d in dirs)}.",
              "Training cost = optimizer steps and seconds of the training stage (mean over seeds).",
-             ""] + table(dirs) + other_sets(run_dir)
+             ""] + table(dirs) + other_sets(run_dir) + paired(dirs, "base") + paired(dirs, "dpo")
     if plot_curves(run_dir, run_dir / "training_curves.png"):
         lines += ["", "![training curves](training_curves.png)"]
     if not toy:
@@ -301,6 +400,8 @@ def main(args):
     lines += sweep(run_dir)
     lines += ["", "Critical-token heatmap: [04_score_tokens/critical_tokens.html]"
               "(04_score_tokens/critical_tokens.html)"]
+    if (run_dir / "critical_tokens.png").exists():  # make study's screenshot of it
+        lines += ["", "![critical-token heatmap](critical_tokens.png)"]
     out = Path(args.out or run_dir / "results.md")
     write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -322,7 +423,8 @@ def to_readme(readme: Path, run_dir: Path, lines: list[str], block: str = "resul
     prefix = "" if block == "results" else f"{block}-"
     body = []
     for line in lines:
-        for png in ("training_curves.png", "08_critical_tokens/pass_at_k.png"):
+        for png in ("training_curves.png", "08_critical_tokens/pass_at_k.png",
+                    "critical_tokens.png"):
             if f"({png})" in line and (run_dir / png).exists():
                 name = prefix + Path(png).name
                 shutil.copyfile(run_dir / png, docs / name)

@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 # One thread per process: on 2 shared cores, torch's default thread pool is 10-100x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo real test bench clean
+.PHONY: demo real study test bench clean
 
 .venv/done: requirements.txt
 	python3 -m venv .venv
@@ -24,6 +24,9 @@ demo: .venv/done
 real: .venv/done
 	bash runs/real_cpu.sh
 
+study: .venv/done
+	bash runs/study.sh
+
 test: .venv/done
 	$(PY) -m pytest -q -rs --durations=8 tests  # -rs: every skip says why
 
@@ -35,4 +38,4 @@ bench: .venv/done
 	$(PY) bench/bench_generate.py --threads 2
 
 clean:
-	rm -rf runs/toy runs/toy-s[0-9]* runs/smollm2
+	rm -rf runs/toy runs/toy-s[0-9]* runs/smollm2 runs/study runs/study-s[0-9]*

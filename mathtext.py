@@ -237,13 +237,28 @@ def last_boxed(text: str) -> str | None:
 
 
 SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")  # a full stop, not a decimal point (18.50)
+# ", because ...", ", and Sam has ...": a comma and a word end the answer's clause; "1,200",
+# "(3, 4)" and "x = 1, y = 2" (no word of two letters after the comma) keep theirs
+CLAUSE_END_RE = re.compile(r",\s+(?=[A-Za-z]{2})")
+# "5 x 4 = 20 flowers", "$2 + $3 = $5": a sum of numbers worked out, its result last
+WORKED_RE = re.compile(r"\d\s*[-+*/x×]\s*\$?\d[^=]*=\s*(?=[-$\d])")
+HEDGE_RE = re.compile(r"(?:actually|only|just|simply|exactly|clearly)\s+(?=[-$\d])")  # is only 2
+# A closing paragraph that comments on the answer instead of giving it ("\n\nThis is a classic
+# example of a simple equation: 8 + 3 = 11."): the last-number rule reads the text before it.
+REMARK_RE = re.compile(r"\n[ \t]*\n[ \t]*(?:This (?:is|problem)|That is|It's a|It is a|In this "
+                       r"(?:example|case|problem)|Note)\b")
+CONCLUSION_RE = re.compile(r"^[ \t]*(?:So|Therefore|Thus|Hence)\b", re.M)  # a remark's own end
 
 
 def _clean(span: str) -> str | None:
-    """An answer written in running text: its first sentence (after a ':' and line breaks: "The
-    answer is 18. She sells..." -> "18"), without '.' or '$' around it."""
+    """An answer written in running text: its first sentence and clause (after a ':' and line
+    breaks: "The answer is 18. She sells..." and "The answer is 18, because ..." -> "18"), the
+    result of a worked sum ("5 x 4 = 20 flowers" -> "20 flowers"), without '.' or '$' around it.
+    (A real model's phrasings, from runs/audit_grader.py on SmolLM2's answers.)"""
     span = span.lstrip(": \t\n").split("\n", 1)[0]
-    span = SENTENCE_END_RE.split(span, 1)[0].strip()
+    span = SENTENCE_END_RE.split(span, 1)[0]
+    span = CLAUSE_END_RE.split(span, 1)[0]
+    span = HEDGE_RE.sub("", WORKED_RE.split(span)[-1].strip(), count=1)
     return span.strip("$* ") or None  # also markdown bold: "The answer is **18**."
 
 
@@ -258,6 +273,9 @@ def extract_answer(text: str) -> str | None:
     for marker in (list(ANSWER_IS_RE.finditer(text)), list(re.finditer("####", text))):
         if marker and (span := _clean(text[marker[-1].end():])):
             return span
+    remark = REMARK_RE.search(text)
+    if remark and not CONCLUSION_RE.search(text, remark.end()):  # unless it concludes itself
+        text = text[:remark.start()] if NUMBER_TEXT_RE.search(text, 0, remark.start()) else text
     numbers = NUMBER_TEXT_RE.findall(text)
     return numbers[-1].replace(",", "") if numbers else None
 

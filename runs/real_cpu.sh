@@ -116,8 +116,11 @@ evaluate \
   --model "$RUN/06_train_stepdpo/model" --label stepdpo
 stamp "07 trained"
 
-# The invariants of every stage's output, then the tables.
+# The invariants of every stage's output; 02's pairs and the grader read against independent
+# readings (the problems' known values; a second grader and the hand verdicts); then the tables.
 $PY runs/check_real.py --run-dir "$RUN" --model "$MODEL"
+$PY runs/check_steps.py --run-dir "$RUN"
+$PY runs/audit_grader.py --run-dir "$RUN"
 for d in 07_eval 07_eval_gsm8k 07_eval_math500; do
   echo "### $d" && cat "$RUN/$d/summary.md"
 done

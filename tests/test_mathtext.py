@@ -240,6 +240,25 @@ def test_split_steps_joins_back_exactly_on_random_text():
     ("The answer is 18. She sells the rest for 2 dollars.", "18"),  # first sentence only
     ("The answer is $18.50. That is all.", "18.50"),  # a decimal point is no full stop
     ("The answer is 3.5.", "3.5"),
+    # SmolLM2's own phrasings, found by runs/audit_grader.py: the first clause, a sum's result
+    ("The answer is 18, because 20 - 2 = 18.", "18"),
+    ("So, the answer is 12 balloons, and Sam has 12 balloons now.", "12 balloons"),
+    ("The answer is 5 x 4 = 20 flowers.", "20 flowers"),
+    ("The answer is $2 + $3 = $5.", "5"),
+    ("The answer is 2 x 3 + 1 = 6 + 1 = 7.", "7"),
+    ("in this case, the answer is actually 5.", "5"),
+    ("It's a logic puzzle where the answer is only 2 coins.", "2 coins"),
+    # a closing remark is not the answer: the last number before it is
+    ("She has 6 - 4 = 2 apples left.\n\nThis is a classic example of a simple equation: "
+     "2 + 4 = 6.", "2"),
+    ("Jack has 20 shells.\n\nIt's a classic example of 1 + 1 = 2.", "20"),
+    ("\n\nThis is 7.", "7"),  # nothing before the remark: the remark's own number
+    ("Lily has 5 * 2 = 10 cards.\n\nThis is a multi-step calculation:\n\n2 + 1 = 3\n\n"
+     "So Lily has 3 cards.", "3"),  # a remark that ends in its own conclusion is read whole
+    # ... and what those rules must leave whole: a tuple, a system, thousands
+    ("The answer is (3, 4).", "(3, 4)"),
+    ("The answer is x = 1, y = 2.", "x = 1, y = 2"),
+    ("The answer is 1,200 apples.", "1,200 apples"),
     ("no digits at all", None),
     ("", None),
     (None, None),

@@ -20,11 +20,14 @@ OURS = {"llama3-8b-full": {"03_contrastive_sft.py": {"lora_r", "lr"},
 RECIPES = PUBLISHED + list(OURS)
 
 
-def recorded_commands(tmp_path, script, *args, env=None):
+def recorded_commands(tmp_path, script, *args, env=None, answers=""):
+    """Every command line `script` runs its interpreter with; `answers`: what the stand-in prints
+    to a `python -c` (make study's choice of the dev sweep's best model)."""
     log = tmp_path / "calls.txt"
     shim = tmp_path / "py"
     # one write per call: the demo runs two stages at once, whose lines must not interleave
-    shim.write_text(f'#!/usr/bin/env bash\nline=$(printf "%q " "$@")\necho "$line" >> {log}\n')
+    shim.write_text(f'#!/usr/bin/env bash\nline=$(printf "%q " "$@")\necho "$line" >> {log}\n'
+                    f'[ "$1" = -c ] && echo "{answers}"; true\n')
     shim.chmod(0o755)
     subprocess.run(["bash", str(ROOT / "runs" / script), *args], check=True, timeout=60,
                    env={**os.environ, **(env or {}), "PY": str(shim)}, capture_output=True)
@@ -59,6 +62,35 @@ def test_toy_scripts_flags_parse(tmp_path):
                 argv = argv[argv.index("--") + 1:]
             stage = load_stage(argv[0].split("/")[-1].removesuffix(".py"))
             stage.parser.parse_args(argv[1:])
+
+
+def test_study_script_flags_parse(tmp_path):
+    """make study with two seeds: every stage line parses, each method is trained where 09 reads
+    it, the seed-1 trainings take the dev sweep's learning rate, and the test split is evaluated
+    by the final models only (the sweep's models see dev)."""
+    run = tmp_path / "study"
+    calls = recorded_commands(tmp_path, "study.sh", env={"RUN": str(run), "SEEDS": "2"},
+                              answers="sweep-x-lr7e-5-b0.5")
+    stages, evals = [], []
+    for argv in calls:
+        if argv[0].startswith("OMP_NUM_THREADS="):
+            argv = argv[2:]
+        if argv[:2] == ["-m", "torch.distributed.run"]:
+            argv = argv[argv.index("--") + 1:]
+        if not re.fullmatch(r"\d\d_\w+\.py", argv[0]):  # runs/*.py, bench/*.py, python -c
+            continue
+        args = load_stage(argv[0].removesuffix(".py")).parser.parse_args(argv[1:])
+        stages.append(argv[0])
+        if argv[0] == "07_eval.py":
+            evals.append((args.data, args.label))
+        if argv[0] in ("05_train_cdpo.py", "06_train_stepdpo.py") and "-s1" in args.run_dir:
+            assert args.lr == 7e-5, argv  # the sweep's choice, as best-<method>.txt names it
+    assert set(stages) == {f"{name}.py" for name in STAGES[1:]}  # 01-09, every one
+    test = [labels for data, labels in evals if data.endswith("test.jsonl")]
+    final = ["sft", "dpo", "cdpo", "stepdpo", "stepdpo-sft"]
+    assert test == [["base"], final, final]  # the base model, then each seed's final models
+    dev = [labels for data, labels in evals if data.endswith("dev.jsonl")]
+    assert dev[0] == ["base"] and all(lab.startswith("sweep-") for lab in dev[1])
 
 
 STAGES = ["00_toy", "01_sample", "02_localize", "03_contrastive_sft", "04_score_tokens",

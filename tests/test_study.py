@@ -157,5 +157,127 @@ def test_real_run_table_goes_between_its_own_readme_markers(tmp_path):
             "never graded right, never trained on); 2 problems have both right and wrong "
             "samples. 03 made 2 pairs. 04 scored 1,460 rejected tokens of 2 pairs.") in block
     assert ("cDPO (05): 2 steps, loss 0.6931 at step 0 -> 0.6925, reward margin 0.0042 at the "
-            "last.") in block
+            "last, chosen reward +0.0005 (mean of the last 2 steps).") in block
     assert "a first wrong step located in 19, 30 step pairs" in block
+
+
+# 09's paired statistics, each against a computation that does not share its formula
+
+def two_sided_exact_by_enumeration(b: int, c: int) -> float:
+    """The exact two-sided binomial test by its definition: the total probability, under
+    Binomial(b + c, 1/2), of every outcome no more likely than the one observed."""
+    from fractions import Fraction
+    from math import comb
+    n = b + c
+    pmf = [Fraction(comb(n, k), 2 ** n) for k in range(n + 1)]
+    return float(sum(p for p in pmf if p <= pmf[b]))
+
+
+@pytest.mark.parametrize("b, c", [(0, 0), (1, 9), (9, 1), (0, 10), (5, 5), (12, 30), (7, 8),
+                                  (0, 1), (40, 61)])
+def test_mcnemar_p_is_the_exact_binomial_test(b, c):
+    expected = 1.0 if b + c == 0 else two_sided_exact_by_enumeration(b, c)
+    assert report.mcnemar_p(b, c) == pytest.approx(expected, rel=1e-12)
+    assert report.mcnemar_p(1, 9) == pytest.approx(22 / 1024)  # by hand: 2 (1 + 10) / 2^10
+
+
+def test_paired_interval_matches_the_normal_interval_on_many_problems():
+    """2,000 problems, differences in {-1, 0, 1}: the bootstrap's 95% interval must be close to
+    mean +- 1.96 sd / sqrt(n) (the central limit theorem), and a constant difference has none."""
+    import numpy as np
+    rng = np.random.default_rng(7)
+    d = rng.choice([-1.0, 0.0, 1.0], size=2000, p=[0.2, 0.65, 0.15])
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    lo, hi = report.paired_interval(d)
+    assert lo == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert hi == pytest.approx(d.mean() + half, abs=0.1 * half)
+    assert report.paired_interval(np.full(50, 0.25)) == (0.25, 0.25)
+
+
+def test_paired_table_per_seed_and_pooled(tmp_path):
+    """Two seeds on 100 problems. Base is right on 0-49 (shared by the seeds); DPO seed 0 on 0-49
+    too, seed 1 on 0-47 (Δ -2: b=0, c=2, p=0.5); cDPO seed 0 on 0-59 (Δ +10, b=10, c=0,
+    p=2/2^10), seed 1 on 0-53 plus 90-91 (Δ +6, b=6, c=0, p=2/2^6); pooled mean Δ +8."""
+    run = tmp_path / "run"
+    right = {("base", 0): range(50), ("dpo", 0): range(50), ("dpo", 1): range(48),
+             ("cdpo", 0): range(60), ("cdpo", 1): [*range(54), 90, 91]}
+    for (label, seed), ids in right.items():
+        d = (run if seed == 0 else tmp_path / f"run-s{seed}") / "07_eval" / label
+        d.mkdir(parents=True)
+        (d / "generations.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i:03d}", "correct": i in ids}) + "\n" for i in range(100)))
+    dirs = report.run_dirs(run, 2)
+    rows = {line.split(" | ")[0]: line for line in report.paired(dirs, "base")}
+    cells = rows["| cDPO (05)"].split(" | ")
+    assert cells[1].startswith("+10.0 [") and cells[1].endswith(f"p={2 / 2 ** 10:.3g}")
+    assert cells[2].startswith("+6.0 [") and cells[2].endswith(f"p={2 / 2 ** 6:.3g}")
+    assert cells[3].startswith("+8.0 [")
+    lo = float(cells[1].split("[")[1].split(",")[0])
+    assert 0 < lo < 10  # ten problems all one way: the interval excludes zero
+    dpo = rows["| DPO (05 --uniform)"].split(" | ")
+    assert dpo[1].startswith("+0.0 [+0.0, +0.0], p=1") and dpo[2].endswith("p=0.5")
+    vs_dpo = {line.split(" | ")[0]: line for line in report.paired(dirs, "dpo")}
+    assert vs_dpo["| cDPO (05)"].split(" | ")[1].startswith("+10.0 [")
+    assert vs_dpo["| cDPO (05)"].split(" | ")[2].startswith("+8.0 [")
+    assert "| base" not in "\n".join(vs_dpo)  # base has no seed-1 run of its own: shown once
+
+
+def test_grader_audit_counts_agreement_and_hand_verdicts(tmp_path):
+    """runs/audit_grader.py on a run of four answers: two both graders read alike, one cut by
+    the token limit (left out), one on which they differ (the project's grader reads the last
+    number, 40; the second skips the trailing remark, 4), with a hand verdict for it."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    run = tmp_path / "run"
+    (run / "07_eval" / "base").mkdir(parents=True)
+    remark = "She has 9 - 5 = 4 oranges left.\n\nThis is like 4 times 10, which is 40."
+    recs = [("The answer is 18, because 20 - 2 = 18.", "18", False),
+            ("So Tom has 7 apples.", "8", False),
+            ("Tom has 3 + 4 =", "7", True),
+            (remark, "4", False)]
+    (run / "07_eval" / "base" / "generations.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "output": o, "gold": g, "truncated": t}) + "\n"
+        for i, (o, g, t) in enumerate(recs)))
+    def audit(hand):
+        subprocess.run([sys.executable, str(ROOT / "runs" / "audit_grader.py"), "--run-dir",
+                        str(run), "--hand", str(hand)], capture_output=True, check=True)
+        unread = (run / "grader_audit_unread.jsonl").read_text().splitlines()
+        return json.loads((run / "grader_audit.json").read_text()), unread
+
+    found, unread = audit(tmp_path / "no-hand-verdicts.jsonl")
+    assert (found["answers"], found["same_verdict"], found["disagreements"]) == (3, 2, 1)
+    assert found["rows"][0]["project"] == ["40", False]
+    assert found["rows"][0]["second"] == ["4", True]
+    assert [json.loads(u)["output"] for u in unread] == [remark]  # to be read by hand
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text(json.dumps({"output": remark, "gold": "4", "right": True}) + "\n")
+    found, unread = audit(hand)
+    assert (found["read_by_hand"], found["project_right"], found["second_right"]) == (1, 0, 1)
+    assert unread == []
+
+
+def test_step_reader_of_real_text_by_hand():
+    """runs/check_steps.py's reading of a real answer's steps against a generated problem
+    ("Emma has 8 crayons and gets 3 more ... then gives 5 away": values 8, 3, 5, 11, 6)."""
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("check_steps", ROOT / "runs" / "check_steps.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    known = check.known_numbers(
+        "Emma has 8 crayons. She buys 3 more and then gives 5 to Finn. How many ...?",
+        "After buying, Emma has 8 + 3 = <<8+3=11>>11 crayons.\nThen 11 - 5 = <<11-5=6>>6.", "6")
+    assert known == {8, 3, 5, 11, 6}
+    wrong = lambda step: check.step_is_wrong(step, known, "6")  # noqa: E731
+    assert not wrong("Emma has 8 + 3 = 11 crayons.\n")
+    assert not wrong("Let's break it down step by step:\n\n")  # no claim: not wrong
+    assert wrong("Emma has 8 + 3 = 12 crayons.")            # a false equation
+    assert wrong("Then she has 11 - 5 = 6 crayons and 2 x 3 = 5 pens.")  # the second one
+    assert wrong("So Emma has a total of 17 crayons.")      # a number the problem never had
+    assert wrong("The answer is 11.")                       # a known number, not the answer
+    assert not wrong("The answer is 6.") and not wrong("So, the answer is $6.")
+    steps = ["Emma has 8 crayons.\n", "She buys 3, so 8 + 3 = 11.\n", "She gives 5: 11 - 5 = 7.\n",
+             "The answer is 7."]
+    assert check.first_wrong(steps, known, "6") == 3
+    assert check.first_wrong(steps[:2], known, "6") is None
