@@ -330,3 +330,37 @@ def test_resume_refuses_records_of_a_retrained_model(toy_world, tmp_path, capsys
             run_stage(stage, *args, *out)
         err = capsys.readouterr().err
         assert e.value.code == 2 and "model" in err and "another run" in err, err
+
+
+def test_regrade_applies_the_current_grader_to_stored_answers(tmp_path):
+    """07 --regrade: a stored verdict from an older grader (the answer before a closing remark was
+    once read as the remark's last number, 40) is graded again, results.json follows (accuracy,
+    Wilson interval), and the answers, the throughput and the config stay."""
+    ev = evaluate
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"q {i}?",
+                                        "answer": f"#### {g}"}) + "\n"
+                            for i, g in enumerate(["4", "7", "9"])))
+    out = tmp_path / "07_eval"
+    (out / "base").mkdir(parents=True)
+    recs = [{"id": "q0", "output": "She has 9 - 5 = 4 left.\n\nThis is a classic example: 4 x 10 "
+             "= 40.", "pred": "40", "gold": "4", "correct": False, "truncated": False},
+            {"id": "q1", "output": "The answer is 7.", "pred": "7", "gold": "7", "correct": True,
+             "truncated": False},
+            {"id": "q2", "output": "So 4 + 5 =", "pred": "5", "gold": "9", "correct": False,
+             "truncated": True}]
+    (out / "base" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    old = {"label": "base", "accuracy": 1 / 3, "ci95": ev.wilson(1, 3), "n": 3, "n_correct": 1,
+           "n_unparsed": 0, "n_truncated": 1, "throughput": {"seconds": 1.5},
+           "config": {"data": str(data), "split": "test", "n": 1}}
+    (out / "base" / "results.json").write_text(json.dumps(old))
+    ev.main(ev.parser.parse_args(["--out", str(out), "--regrade"]))
+    res = json.loads((out / "base" / "results.json").read_text())
+    assert (res["accuracy"], res["n_correct"], res["ci95"]) == (2 / 3, 2, ev.wilson(2, 3))
+    assert res["throughput"] == old["throughput"] and res["config"] == old["config"]
+    new = [json.loads(line) for line in (out / "base" / "generations.jsonl").read_text()
+           .splitlines()]
+    # q2: cut by the token limit, never right, whatever its last number
+    assert [(r["pred"], r["correct"]) for r in new] == [("4", True), ("7", True), ("5", False)]
+    assert [r["output"] for r in new] == [r["output"] for r in recs]
+    assert "| base | test.jsonl | 0.667 |" in (out / "summary.md").read_text()
