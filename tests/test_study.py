@@ -225,17 +225,17 @@ def test_paired_table_per_seed_and_pooled(tmp_path):
 def test_grader_audit_counts_agreement_and_hand_verdicts(tmp_path):
     """runs/audit_grader.py on a run of four answers: two both graders read alike, one cut by
     the token limit (left out), one on which they differ (the project's grader reads the last
-    number, 40; the second skips the trailing remark, 4), with a hand verdict for it."""
+    number, 4; the second the result of the last sum, 8), with a hand verdict for it."""
     import subprocess
     import sys
     from conftest import ROOT
     run = tmp_path / "run"
     (run / "07_eval" / "base").mkdir(parents=True)
-    remark = "She has 9 - 5 = 4 oranges left.\n\nThis is like 4 times 10, which is 40."
+    remark = "There are 8 x 2 = 16 cards, so Jack has 16 / 2 = 8 cards in his 4 jars."
     recs = [("The answer is 18, because 20 - 2 = 18.", "18", False),
             ("So Tom has 7 apples.", "8", False),
             ("Tom has 3 + 4 =", "7", True),
-            (remark, "4", False)]
+            (remark, "8", False)]
     (run / "07_eval" / "base" / "generations.jsonl").write_text("".join(
         json.dumps({"id": f"q{i}", "output": o, "gold": g, "truncated": t}) + "\n"
         for i, (o, g, t) in enumerate(recs)))
@@ -247,11 +247,11 @@ def test_grader_audit_counts_agreement_and_hand_verdicts(tmp_path):
 
     found, unread = audit(tmp_path / "no-hand-verdicts.jsonl")
     assert (found["answers"], found["same_verdict"], found["disagreements"]) == (3, 2, 1)
-    assert found["rows"][0]["project"] == ["40", False]
-    assert found["rows"][0]["second"] == ["4", True]
+    assert found["rows"][0]["project"] == ["4", False]
+    assert found["rows"][0]["second"] == ["8", True]
     assert [json.loads(u)["output"] for u in unread] == [remark]  # to be read by hand
     hand = tmp_path / "hand.jsonl"
-    hand.write_text(json.dumps({"output": remark, "gold": "4", "right": True}) + "\n")
+    hand.write_text(json.dumps({"output": remark, "gold": "8", "right": True}) + "\n")
     found, unread = audit(hand)
     assert (found["read_by_hand"], found["project_right"], found["second_right"]) == (1, 0, 1)
     assert unread == []
