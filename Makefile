@@ -1,6 +1,6 @@
 # Two commands: `make demo` (toy pipeline end to end) and `make test` (the CPU test suite).
 # `make real`: the same chain on a real pretrained model, SmolLM2-135M-Instruct (~13 min on 2 cores).
-# `make study`: what the methods do to that model (dev sweep, seeds, paired statistics; ~75 min a seed).
+# `make study`: what the methods do to that model (dev sweep, seeds, paired statistics; README).
 PY := .venv/bin/python
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export HF_HUB_OFFLINE := 1
