@@ -207,7 +207,7 @@ def other_sets(run_dir: Path) -> list[str]:
 
 
 def pipeline(run_dir: Path) -> list[str]:
-    """What the stages of a (real-model) run made, counted from their files: 01's samples (right,
+    """What the stages of a run made, counted from their files: 01's samples (right,
     cut by the token limit, problems with both right and wrong), 03's pairs, 04's scored tokens,
     and each preference training's step-0 loss (ln 2 = 0.6931: policy = reference), last reward
     margin and late chosen reward (beta log pi/pi_ref of the chosen answer: below 0, the policy
@@ -394,8 +394,7 @@ def main(args):
              ""] + table(dirs) + other_sets(run_dir) + paired(dirs, "base") + paired(dirs, "dpo")
     if plot_curves(run_dir, run_dir / "training_curves.png"):
         lines += ["", "![training curves](training_curves.png)"]
-    if not toy:
-        lines += pipeline(run_dir)
+    lines += pipeline(run_dir)
     lines += studies(run_dir)
     lines += sweep(run_dir)
     lines += ["", "Critical-token heatmap: [04_score_tokens/critical_tokens.html]"
