@@ -1,7 +1,6 @@
-"""
-Stage 00: the embedded toy world, so the whole pipeline runs on a laptop with no downloads.
+"""Stage 00: the embedded toy world, so the whole pipeline runs on a laptop with no downloads.
 
-Draws the toy problems of toyworld.py (multi-step arithmetic word problems), builds a
+Draws the toy problems of machinery/toyworld.py (multi-step arithmetic word problems), builds a
 sentencepiece BPE tokenizer on them, and trains a 0.86M-parameter Llama from scratch until its
 greedy dev accuracy reaches --target-acc. Its errors are mostly one-digit slips in one step's
 result: each wrong answer has a clear first wrong step (Step-DPO) and a clear critical token (cDPO).
@@ -16,7 +15,7 @@ Writes <run-dir>/00_toy/: model/ (HF Llama + tokenizer, model.safetensors), trai
 summary.json (steps, seconds, dev and greedy test accuracy, first wrong step of wrong answers).
 Same --seed, same files and weights (also across thread counts, checked for 1 and 2). CPU only
 (no torchrun: one process trains the toy model in minutes):
-  python 00_toy.py --run-dir runs/toy        # ~4 min on 2 idle cores
+  python 00_toy.py --run-dir runs/toy        # CPU, no downloads
 On a busy machine OMP_NUM_THREADS=1 runs several times faster than torch's default threads.
 """
 import argparse
@@ -37,10 +36,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaToke
 from transformers.utils import logging as hf_logging
 
 from common import write_json, write_jsonl
-from mathtext import split_steps
-from sampling import generate
-from toyworld import NAMES, OBJECTS, first_wrong_step, make_split, prompt_of, response_of
-from training import adamw, lr_at
+from machinery.generation import generate
+from machinery.mathtext import split_steps
+from machinery.optimization import adamw, lr_at
+from machinery.toyworld import first_wrong_step, make_split, NAMES, OBJECTS, prompt_of, response_of
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,5 +1,4 @@
-"""
-Stage 01: --n graded completions per problem, the raw material of both methods (PAPERS.md A1, B2).
+"""Stage 01: --n graded completions per problem, both methods' raw material (PAPERS.md A1, B2).
 
 For each problem q with gold answer a, draw samples y_1..y_n ~ pi(. | prompt(q)) at --temperature
 with nucleus --top-p, each stopped at EOS, at a stop string (mathtext.STOP_STRINGS: the model
@@ -33,7 +32,7 @@ them in problem order: the same file as one process writes.
 
   python 01_sample.py --run-dir runs/toy                                      # CPU, toy world
   torchrun --nproc_per_node=8 -- 01_sample.py --run-dir runs/l3-8b \\
-      --model meta-llama/Meta-Llama-3-8B --data ../shared/data/gsm8k/train.jsonl \\
+      --model meta-llama/Meta-Llama-3-8B --data gsm8k --split train \\
       --n 64 --temperature 0.5 --top-p 0.95 --max-new-tokens 1024 --batch-size auto --bf16
 (the `--` keeps torchrun from reading --n as an abbreviation of its own --nnodes / --nproc-per-node)
 """
@@ -43,11 +42,12 @@ from pathlib import Path
 
 import torch
 
-from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, fail,
-                    load_model, load_tokenizer, print0, write_json)
-from mathtext import format_prompt, load_problems, STOP_STRINGS
-from sampling import (add_sampling_args, check_sampling_args, file_stamp, GradedSampling,
-                      response_eos, resume_share)
+from common import barrier, dist_init, dist_teardown, fail, print0, write_json
+from machinery.flags import add_model_args, add_run_args, add_sampling_args, check_sampling_args
+from machinery.mathtext import format_prompt, load_problems, STOP_STRINGS
+from machinery.models import load_model, load_tokenizer
+from machinery.resume import file_stamp, resume_share
+from machinery.sampling import GradedSampling, response_eos
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,8 +89,7 @@ def main(args):
     args.data = str(args.data or run / "00_toy" / "train.jsonl")
     check_sampling_args(args)
     config = {**vars(args), "stop": STOP_STRINGS}
-    problems = load_problems(args.data, args.split)
-    problems = problems[:args.limit] if args.limit > 0 else problems
+    problems = load_problems(args.data, args.split)[:args.limit or None]
     if not problems:
         fail(f"{args.data}: no problems")
     print0(f"config: {json.dumps(config)}")

@@ -1,6 +1,5 @@
-"""
-Stage 02 (Step-DPO data): find the first wrong step of each wrong answer by rollouts, then pair it
-with correct replacement steps sampled from the model itself (PAPERS.md B2, without GPT-4o).
+"""Stage 02 (Step-DPO): the first wrong step of each wrong answer by rollouts, paired with correct
+replacement steps sampled from the model itself (PAPERS.md B2, without GPT-4o).
 
 For a wrong answer split into steps s_1..s_n, let p_j = s_1..s_j (p_0 = the bare prompt) and
 rate(j) = the share of --rollouts sampled continuations of p_j whose final answer equals the gold
@@ -38,12 +37,16 @@ from pathlib import Path
 
 import torch
 
-from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, each,
-                    encode_prompt, encode_steps, fail, load_model, load_tokenizer, print0,
+from common import (barrier, dist_init, dist_teardown, encode_prompt, encode_steps, fail, print0,
                     read_jsonl, read_text, seed_for, write_json, write_jsonl)
-from judge import ask_judge, judge_message, parse_verdict
-from mathtext import STOP_STRINGS, grade, split_steps
-from sampling import auto_batch_size, batch_size_arg, file_stamp, Progress, resume_share, Sampler
+from machinery.checks import each
+from machinery.flags import add_model_args, add_run_args, batch_size_arg
+from machinery.generation import Sampler
+from machinery.judge import ask_judge, judge_message, parse_verdict
+from machinery.mathtext import grade, split_steps, STOP_STRINGS
+from machinery.models import load_model, load_tokenizer
+from machinery.resume import file_stamp, Progress, resume_share
+from machinery.sampling import auto_batch_size
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,7 +174,7 @@ def record_of(s: dict, loc: Localization | None) -> dict:
              sampled={str(j): len(cs) for j, cs in sorted(conts.items())},
              continuations=sum(map(len, conts.values())))
     if "step_values" in rec:  # a toy run: the toy world knows the exact first wrong step
-        from toyworld import first_wrong_step
+        from machinery.toyworld import first_wrong_step
         r["oracle_step"] = first_wrong_step(steps, rec["step_values"])
     chosen = distinct_first_steps(steps[k - 1], [c["text"] for c in good[k - 1]]) if k else []
     r["pairs"] = [{"prefix": "".join(steps[:k - 1]), "chosen": c, "rejected": steps[k - 1]}
@@ -200,7 +203,7 @@ def write_outputs(out: Path, records: list[dict], problems: list[dict], config: 
                max(1, len(located)), "max_rollouts_per_sample": max(cost),
                "step_idx": dict(sorted(Counter(str(r["step_idx"]) for r in located).items()))}
     if any("oracle_step" in r for r in located):  # a toy run: against the exact first wrong step
-        from toyworld import score_localization
+        from machinery.toyworld import score_localization
         summary.update(score_localization(located, pairs, problems))
     write_json(out / "summary.json", {**summary, "config": config})
     print0(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
@@ -211,18 +214,19 @@ def main(args):
     # Init
     rank, world, device = dist_init()
     run = Path(args.run_dir)
-    out, model_path = Path(args.out or run / "02_localize"), args.model or run / "00_toy/model"
-    samples_path = args.data or run / "01_sample" / "samples.jsonl"
+    out = Path(args.out or run / "02_localize")
+    model_path = str(args.model or run / "00_toy" / "model")
+    data = Path(args.data or run / "01_sample" / "samples.jsonl")
     if not 0 <= args.threshold < 1:
         fail(f"--threshold {args.threshold}: must be in [0, 1)")
     print0(f"config: {json.dumps(vars(args))}")
-    problems = read_jsonl(samples_path, {"id": str, "prompt": str, "answer": (str, int, float),
+    problems = read_jsonl(data, {"id": str, "prompt": str, "answer": (str, int, float),
                                          "samples": each({"text": str, "correct": bool},
                                                          {"truncated": bool})}
                           )[:args.limit or None]
     wrong_samples = select_wrong_samples(problems, args.per_problem)
     if not wrong_samples:
-        fail(f"{samples_path}: no wrong samples to localize")
+        fail(f"{data}: no wrong samples to localize")
     template = read_text(args.judge_prompt, "check --judge-prompt") if args.judge_url else None
 
     # Load: the model; resume only what these very weights, samples and config produced
@@ -231,7 +235,7 @@ def main(args):
                        args.trust_remote_code, tp=args.tp).eval()
     store, mine = resume_share(out / "records.jsonl", wrong_samples, args.tp,
                                {**{k: vars(args)[k] for k in SHAPES_RECORDS},
-                                "data": file_stamp(samples_path), "model": file_stamp(model_path),
+                                "data": file_stamp(data), "model": file_stamp(model_path),
                                 "judge_prompt": template})
     print0(f"{len(wrong_samples)} wrong samples from {len(problems)} problems | "
            f"{len(wrong_samples) - len(store.done)} to do on {world} rank(s)")

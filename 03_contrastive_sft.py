@@ -1,4 +1,4 @@
-"""cDPO step 1: select the SFT sets and the DPO pairs, fine-tune a positive and a negative model.
+"""Stage 03 (cDPO): select the SFT sets and DPO pairs, fine-tune a positive and a negative model.
 
 Selection per problem (PAPERS.md A1; `select_examples`): shuffle the samples (seeded by --seed and
 the problem id), drop empty answers and answers cut by the token limit (a cut answer has no final
@@ -19,7 +19,7 @@ Fine-tuning (PAPERS.md A0 step 3): two models from the same initial model, posit
 answers, negative on the wrong ones; loss = mean NLL of the response tokens (prompt via
 encode_prompt, response via encode_response with the sample's own eos_id: the end id the model
 wrote, e.g. <|eot_id|> under a Llama-3 chat template), averaged over the response tokens of the
-global batch (the optimizer steps: training.optimize, shared with 05 and 06). Full fine-tuning
+global batch (train_sft holds the optimizer step in view, as 05 and 06 do). Full fine-tuning
 by default; --lora-r r adds LoRA (alpha 2r, dropout 0.1, on gate/up/down_proj as released),
 merged on save so 04 loads ordinary HF models.
 
@@ -34,7 +34,7 @@ Writes  <run-dir>/03_contrastive_sft/
           checkpoints_{pos,neg}/  with --save-every or --stop-after (torch.distributed.checkpoint)
           summary.json           selection counts, training figures, config
 
-Toy world (2 CPU cores, ~40 s for both models on 800 problems x 8 samples):
+Toy world (CPU):
     python 03_contrastive_sft.py --run-dir runs/toy
 Many GPUs (the released recipe, runs/multigpu.sh; 6 processes, as the global batch 6 must divide
 by the ranks):
@@ -61,12 +61,18 @@ from pathlib import Path
 
 import torch
 
-from batches import pack_rows, pad_right
-from common import (add_run_args, dist_init, dist_teardown, each, encode_prompt, encode_response,
-                    fail, load_tokenizer, print0, read_json, read_jsonl, seed_for, token_id,
-                    token_logps, write_json, write_jsonl)
-from training import (add_training_args, batch_layout, check_batch, fit_batch, optimize,
-                      save_model, training_policy)
+from common import (all_reduce_sum, autocast_for, dist_init, dist_teardown, encode_prompt,
+                    encode_response, fail, load_for_training, lora_config, print0, read_json,
+                    read_jsonl, seed_for, token_logps, write_json, write_jsonl)
+from machinery.checkpoints import load_checkpoint, save_checkpoint, save_model
+from machinery.checks import each, token_id
+from machinery.flags import add_run_args, add_training_args
+from machinery.models import load_tokenizer
+from machinery.optimization import (adamw, batch_layout, check_batch, clip_grad_norm, fit_batch,
+                                    global_batch, lr_at, MetricsLog, peak_memory_all_ranks,
+                                    peak_memory_gb, stop_if_not_finite, sync_gradients,
+                                    warmup_steps)
+from machinery.packing import collate_sft
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,55 +115,72 @@ def select_examples(samples: list[dict], rng: random.Random, pos_top_k: int = 1,
     return positive, negative, pair
 
 
-def collate_sft(examples: list[dict], pad_id: int, packed: bool = False,
-                row_tokens: int = 0) -> dict:
-    """loss_mask (B, T-1): 1 on the columns of token_logps that score a response token (response
-    token j of prompt length P: column P+j-1) in the right-padded layout, and the model's input:
-    that layout, input_ids and attention_mask (B, T), or with packed=True the examples packed into
-    rows of up to row_tokens tokens (batches.pack_rows; token_logps unpacks the log-probs)."""
-    rows = [e["prompt_ids"] + e["response_ids"] for e in examples]
-    masks = [[0.0] * (len(e["prompt_ids"]) - 1) + [1.0] * len(e["response_ids"]) for e in examples]
-    if packed:
-        b = pack_rows([(e["prompt_ids"], [e["response_ids"]]) for e in examples], pad_id,
-                      row_tokens, max(map(len, rows)))
-    else:
-        b = {"input_ids": pad_right(rows, pad_id),
-             "attention_mask": pad_right([[1] * len(r) for r in rows], 0)}
-    return {**b, "loss_mask": pad_right(masks, 0.0)}
-
-
 def train_sft(args, model_path, tok, examples: list[dict], B: int, out: Path, name: str,
-              config: dict) -> dict | None:
+              config: dict, rank: int, world: int, device) -> dict | None:
     """Fine-tune one model on `examples` ({prompt_ids, response_ids}), B per optimizer step, into
-    out/<name>; returns its figures, or None when --stop-after ended the run early."""
-    _, _, device = dist_init()  # already joined by main(): this only returns them
-    model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.1)
-    layout = batch_layout(args, model)
+    out/<name>; returns its figures, or None when --stop-after ended the run early.
 
-    def nll(idx: list[int]):
-        """Summed NLL of the response tokens of examples[idx], and the input tokens."""
-        b = {k: v.to(device) for k, v in
-             collate_sft([examples[i] for i in idx], tok.pad_token_id, **layout).items()}
-        with amp:
-            logps = token_logps(model, b)  # (m, T-1), the padded layout's columns
-        return -(logps.float() * b["loss_mask"]).sum(), {"tokens": b["attention_mask"].sum()}
-
-    def response_tokens(batch: list[int]) -> int:  # the loss: mean over these tokens
-        return sum(len(examples[i]["response_ids"]) for i in batch)
-
+        loss = - sum of log p(response tokens) / response tokens in the global batch"""
     start = time.time()
-    done = optimize(args, model, opt, len(examples), B, nll, response_tokens,
-                    ckpt=out / f"checkpoints_{name}", metrics=out / f"metrics_{name}.jsonl",
-                    model_dir=out / name)
-    if done:
-        save_model(model, tok, out / name, extra={**config, "trained": name},
-                   dtype=torch.bfloat16 if args.bf16 else torch.float32)
-        done = {"examples": len(examples), **done, "seconds": round(time.time() - start, 1)}
-    return done  # and the model leaves memory before the next one is built
+    model = load_for_training(model_path, device, args.bf16, args.cpu_offload,
+                              args.activation_checkpointing,
+                              lora_config(args.lora_r, LORA_TARGETS, lora_dropout=0.1),
+                              args.trust_remote_code)
+    opt, amp = adamw(model, args.lr, args.weight_decay), autocast_for(device, args.bf16)
+    layout = batch_layout(args, model)  # packed rows, or padded where the model cannot take them
+    total = args.max_steps or args.epochs * (len(examples) // B)
+    warmup, mbs = warmup_steps(args, total), args.micro_batch_size
+    ckpt = out / f"checkpoints_{name}"
+    step = load_checkpoint(ckpt, model, opt, args.resume)  # 0: a fresh run
+    log = MetricsLog(out / f"metrics_{name}.jsonl", resume_step=step)
+    model.train()
+    loss = float("nan")
+    while step < total:
+        t0 = time.time()
+        peak_memory_gb(device)  # reset: each step logs its own peak
+        lr = lr_at(step, total, args.lr, warmup, args.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = global_batch(len(examples), B, args.seed, step)  # the same on every rank
+        mine = batch[rank::world]  # this rank's share
+        n_tokens = sum(len(examples[i]["response_ids"]) for i in batch)  # the loss: mean over these
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL, input tokens of the share
+        for s in range(0, len(mine), mbs):
+            sync_gradients(model, last_micro_batch=s + mbs >= len(mine))
+            b = {k: v.to(device) for k, v in collate_sft(
+                [examples[i] for i in mine[s:s + mbs]], tok.pad_token_id, **layout).items()}
+            with amp:
+                logps = token_logps(model, b)  # (m, T-1), the padded layout's columns
+            nll = -(logps.float() * b["loss_mask"]).sum()  # summed over the response tokens
+            # times world as FSDP averages gradients over ranks: the 1-process update (05)
+            (nll * world / n_tokens).backward()
+            sums += torch.stack([nll.detach(), b["attention_mask"].sum()]).double()
+        grad_norm = clip_grad_norm(model, args.max_grad_norm)
+        loss, tokens = all_reduce_sum(sums).cpu().tolist()  # all ranks
+        loss = loss / n_tokens
+        stop_if_not_finite(loss, grad_norm, step, ckpt, out / name)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        log.log({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                 "tokens_per_s": tokens / dt, "dt": dt,
+                 "peak_mem_gb": peak_memory_all_ranks(device)})
+        step += 1
+        if step < total and (args.save_every and step % args.save_every == 0
+                             or step == args.stop_after):
+            save_checkpoint(ckpt, model, opt, step, args.keep_checkpoints)
+        if step == args.stop_after and step < total:
+            print0(f"stopped after step {step} (--stop-after); --resume finishes {out / name}")
+            return None
+    save_model(model, tok, out / name, extra={**config, "trained": name},
+               dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    return {"examples": len(examples), "steps": total, "final_loss": loss,
+            "seconds": round(time.time() - start, 1)}  # the model leaves memory with this frame
 
 
 def main(args):
-    rank, world, _ = dist_init()
+    # Init
+    rank, world, device = dist_init()
     run = Path(args.run_dir)
     out = Path(args.out or run / "03_contrastive_sft")
     model_path = args.model or str(run / "00_toy" / "model")
@@ -169,7 +192,7 @@ def main(args):
     config = {**vars(args), "model": model_path, "data": str(data), "out": str(out),
               "world": world}
 
-    # select
+    # Load: the graded samples, then the selection of each problem (select_examples)
     tok = load_tokenizer(model_path, args.trust_remote_code)
     # the end id a sample was written with; sample files that predate eos_id: the tokenizer's
     eos_of = lambda s: s.get("eos_id", tok.eos_token_id)  # noqa: E731
@@ -207,7 +230,7 @@ def main(args):
         write_jsonl(out / "pairs.jsonl", pairs)
     print0("config " + json.dumps(config))
 
-    # train: the same initial model twice, one set each
+    # Loop: the same initial model twice, one set each (train_sft: the optimizer steps)
     for name in which:
         examples = [{"prompt_ids": encode_prompt(tok, e["prompt"]),
                      "response_ids": encode_response(tok, e["text"], eos=e["eos_id"])}
@@ -221,17 +244,20 @@ def main(args):
             print0(f"{out / name} is already trained (--resume): kept")
             continue
         print0(f"training the {name} model on {len(examples)} examples, {B} per step")
-        trained[name] = train_sft(args, model_path, tok, examples, B, out, name, config)
+        trained[name] = train_sft(args, model_path, tok, examples, B, out, name, config, rank,
+                                  world, device)
         if trained[name] is None:  # --stop-after: the rest waits for --resume
             dist_teardown()
             return
         if rank == 0:
             write_json(done, trained[name])
 
-    # write
+    # Write
     if rank == 0:
         write_json(out / "summary.json", {"counts": dict(counts), "train": trained,
                                           "config": config})
+
+    # Cleanup
     dist_teardown()
 
 

@@ -1,4 +1,4 @@
-"""cDPO: token-weighted DPO on scored pairs (PAPERS.md A3), and plain DPO, the baseline (--uniform).
+"""Stage 05 (cDPO): token-weighted DPO on scored pairs (PAPERS.md A3); --uniform: plain DPO.
 
 The loss (`cdpo_loss`; sequence level, the paper-style form, not verified first-hand: PAPERS.md A3):
 
@@ -13,10 +13,9 @@ per-position loss (`cdpo_position_loss`, PAPERS.md A3 and D1) for fidelity studi
 The reference is the initial policy, scored once in a no-grad pass before the first update, so one
 model is in memory. Each pair is one sequence, prompt then chosen then rejected, the prompt computed
 once, each response masked from the other, pairs packed into rows without padding between them
-(--layout packed, batches.pack_rows); --layout padded is the classic (2B, T) batch of right-padded
-prompt + response rows. Both give the loss the same (2B, T-1) log-probs. The training run around
-the loss (reference pass, optimizer steps, checkpoints, metrics) is preference.train_preference,
-which 06 shares.
+(--layout packed, machinery/packing.py); --layout padded is the classic (2B, T) batch of
+right-padded prompt + response rows. Both give the loss the same (2B, T-1) log-probs. main() holds
+the optimizer step in view: batch -> log-probs -> loss -> backward -> clip -> step -> log.
 
 Reads   <run-dir>/04_score_tokens/pairs.jsonl  (id, prompt_ids, chosen_ids, rejected_ids,
                                                 chosen_weights, rejected_weights)
@@ -26,7 +25,7 @@ Writes  <run-dir>/05_train_cdpo/  (05_train_dpo/ with --uniform)
                                rejected_reward, margin, grad_norm, lr, tokens_per_s, dt, peak_mem_gb
           checkpoints/         with --save-every (sharded torch.distributed.checkpoint)
 
-Toy world (2 CPU cores, ~35 s each on the demo's ~600 pairs: ~110 steps of ~0.3 s):
+Toy world (CPU):
     python 05_train_cdpo.py --run-dir runs/toy
     python 05_train_cdpo.py --run-dir runs/toy --uniform          # the DPO baseline
 Many GPUs (FSDP2; the batch is global, each rank takes its share):
@@ -49,15 +48,24 @@ and beta 0.02 to 0.5 on the toy dev and test splits.
 """
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import (add_run_args, dist_init, dist_teardown, fail, load_tokenizer, numbers, print0,
-                    read_jsonl, token_ids)
-from preference import keep_short, train_preference
-from training import add_training_args, check_batch, fit_batch, save_model, training_policy
+from common import (all_reduce_sum, autocast_for, dist_init, dist_teardown, fail,
+                    load_for_training, lora_config, print0, read_jsonl, token_logps)
+from machinery.checkpoints import load_checkpoint, save_checkpoint, save_model
+from machinery.checks import numbers, token_ids
+from machinery.flags import add_run_args, add_training_args
+from machinery.models import load_tokenizer
+from machinery.optimization import (adamw, batch_layout, check_batch, clip_grad_norm, fit_batch,
+                                    global_batch, lr_at, MetricsLog, peak_memory_all_ranks,
+                                    peak_memory_gb, stop_if_not_finite, sync_gradients,
+                                    warmup_steps)
+from machinery.packing import collate_pairs
+from machinery.pairs import keep_short, reference_logps
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,7 +161,8 @@ def load_pairs(path: Path, args, vocab: int | None = None) -> list[dict]:
 
 
 def main(args):
-    _, world, device = dist_init()
+    # Init
+    rank, world, device = dist_init()
     if args.uniform and args.weight_chosen:
         fail("--uniform and --weight-chosen contradict each other")
     check_batch(args)
@@ -164,23 +173,80 @@ def main(args):
     config = {**vars(args), "model": model_path, "data": str(data), "out": str(out),
               "world": world, "method": "dpo" if args.uniform else "cdpo"}
 
-    # load
+    # Load: the pairs, then the policy (FSDP2 over the ranks, optional LoRA), its AdamW
     tok = load_tokenizer(model_path, args.trust_remote_code)
     pairs = load_pairs(data, args, len(tok))
     config["batch_size"] = B = fit_batch(args, len(pairs), "pairs")
     print0("config " + json.dumps(config))
+    model = load_for_training(model_path, device, args.bf16, args.cpu_offload,
+                              args.activation_checkpointing,
+                              lora_config(args.lora_r, LORA_TARGETS, lora_dropout=0.0),
+                              args.trust_remote_code)
+    opt, amp = adamw(model, args.lr, args.weight_decay), autocast_for(device, args.bf16)
+    layout = batch_layout(args, model)  # packed rows, or padded where the model cannot take them
+    loss_fn = cdpo_position_loss if args.form == "position" else cdpo_loss
 
-    # train: the policy (FSDP2 over the ranks, optional LoRA) is also the reference
-    model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.0)
-    loss = cdpo_position_loss if args.form == "position" else cdpo_loss
-    done = train_preference(args, model, opt, amp, tok, pairs, B, out,
-                            loss_fn=lambda pol, ref, b: loss(pol, ref, b["weights"], args.beta))
+    # the reference: the policy before its first update, scored once without gradients
+    t0 = time.time()
+    ref = reference_logps(model, pairs, tok.pad_token_id, args.micro_batch_size, device, amp,
+                          layout)  # [(chosen log-probs, rejected log-probs)] per pair
+    for p, (ref_chosen, ref_rejected) in zip(pairs, ref):  # collate_pairs lays them out
+        p["ref_chosen_logps"], p["ref_rejected_logps"] = ref_chosen, ref_rejected
+    print0(f"reference log-probs of {len(pairs)} pairs in {time.time() - t0:.1f}s")
 
-    # write: an ordinary HF model (LoRA merged), the resolved config beside it
-    if done:  # None: --stop-after, the rest waits for --resume
+    # Loop: one optimizer step per global batch of B pairs, each rank a share of it
+    total = args.max_steps or args.epochs * (len(pairs) // B)
+    warmup, mbs = warmup_steps(args, total), args.micro_batch_size
+    step = load_checkpoint(out / "checkpoints", model, opt, args.resume)  # 0: a fresh run
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step)
+    model.train()
+    while step < total:
+        t0 = time.time()
+        peak_memory_gb(device)  # reset: each step logs its own peak
+        lr = lr_at(step, total, args.lr, warmup, args.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        mine = global_batch(len(pairs), B, args.seed, step)[rank::world]  # this rank's share
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # summed over this share:
+        for s in range(0, len(mine), mbs):  # loss, reward acc, chosen, rejected reward, tokens
+            sync_gradients(model, last_micro_batch=s + mbs >= len(mine))
+            b = {k: v.to(device) for k, v in collate_pairs(
+                [pairs[i] for i in mine[s:s + mbs]], tok.pad_token_id, **layout).items()}
+            with amp:
+                logps = token_logps(model, b)  # (2m, T-1), rows: m chosen, then m rejected
+            losses, r_c, r_r = loss_fn(logps.float(), b["ref_logps"], b["weights"], args.beta)
+            # The step's loss is the mean over the B pairs of the global batch: each micro-batch
+            # adds its sum / B, times world as FSDP averages gradients over ranks. The update is
+            # the 1-process update on the whole batch, for any split into ranks and micro-batches.
+            (losses.sum() * world / B).backward()
+            sums += torch.stack([losses.sum().detach(), (r_c > r_r).sum(), r_c.sum(), r_r.sum(),
+                                 b["attention_mask"].sum()]).double()
+        grad_norm = clip_grad_norm(model, args.max_grad_norm)
+        loss, acc, chosen, rejected, tokens = all_reduce_sum(sums).cpu().tolist()  # all ranks
+        loss, acc, chosen, rejected = loss / B, acc / B, chosen / B, rejected / B
+        stop_if_not_finite(loss, grad_norm, step, out / "checkpoints", out / "model")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        log.log({"step": step, "loss": loss, "reward_acc": acc, "chosen_reward": chosen,
+                 "rejected_reward": rejected, "margin": chosen - rejected, "grad_norm": grad_norm,
+                 "lr": lr, "tokens_per_s": tokens / dt, "dt": dt,
+                 "peak_mem_gb": peak_memory_all_ranks(device)})
+        step += 1
+        if step < total and (args.save_every and step % args.save_every == 0
+                             or step == args.stop_after):
+            save_checkpoint(out / "checkpoints", model, opt, step, args.keep_checkpoints)
+        if step == args.stop_after and step < total:
+            print0(f"stopped after step {step} (--stop-after); --resume finishes {out / 'model'}")
+            break
+
+    # Write: an ordinary HF model (LoRA merged), the resolved config beside it
+    if step >= total:  # else --stop-after: the rest waits for --resume
         save_model(model, tok, out / "model", extra=config,
                    dtype=torch.bfloat16 if args.bf16 else torch.float32)
-        print0(f"saved {out / 'model'} after {done['steps']} steps")
+        print0(f"saved {out / 'model'} after {total} steps")
+
+    # Cleanup
     dist_teardown()
 
 

@@ -1,4 +1,4 @@
-"""Step-DPO: DPO on a single reasoning step after the correct earlier ones (PAPERS.md B1, B3).
+"""Stage 06 (Step-DPO): DPO on one reasoning step after the correct earlier ones (PAPERS.md B1, B3).
 
 The loss (`step_dpo_loss`), with x the question and s_1..s_{k-1} the correct steps before the
 first wrong one:
@@ -10,15 +10,15 @@ log pi(s | context) = sum of the log-probs of the step's tokens. Context ids = e
 + the prefix's ids; prefix and step are cut from the tokenization of prefix + step
 (common.encode_steps), so the step's tokens are the ones the model wrote after that context
 (tokenized apart, a byte-level BPE would write a seam such as "\n\n" differently). A step is not an
-ending, so no EOS. The reference is the initial policy, scored once before the first update. The
-training run around the loss is preference.train_preference, the one 05 uses, so everything it
-guarantees holds here too: one model in memory, ln 2 at step 0, gradient accumulation = big
-batch, the NaN guard, torchrun/FSDP2, --resume.
+ending, so no EOS. The reference is the initial policy, scored once before the first update.
+main() holds the optimizer step in view, the same step as 05's with this loss: one model in
+memory, ln 2 at step 0, gradient accumulation = big batch, the NaN guard, torchrun/FSDP2,
+--resume.
 
 Reads   <run-dir>/02_localize/pairs.jsonl  (id, prompt, prefix, chosen, rejected, step_idx, ...)
 Writes  <run-dir>/06_train_stepdpo/model/ (HF safetensors), metrics.jsonl (as 05), checkpoints/
 
-Toy world (2 CPU cores, under a minute for the demo's ~850 step pairs):
+Toy world (CPU):
     python 06_train_stepdpo.py --run-dir runs/toy
 Many GPUs (the published 7B recipe):
     torchrun --nproc_per_node 8 06_train_stepdpo.py --run-dir runs/qwen2-7b \\
@@ -40,15 +40,24 @@ is flat (README, Results, "Learning rate and beta": 3e-6 to 3e-5 within 3.5 poin
 """
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import (add_run_args, dist_init, dist_teardown, encode_prompt, encode_steps, fail,
-                    load_tokenizer, print0, read_jsonl)
-from preference import keep_short, train_preference
-from training import add_training_args, check_batch, fit_batch, save_model, training_policy
+from common import (all_reduce_sum, autocast_for, dist_init, dist_teardown, encode_prompt,
+                    encode_steps, fail, load_for_training, lora_config, print0, read_jsonl,
+                    token_logps)
+from machinery.checkpoints import load_checkpoint, save_checkpoint, save_model
+from machinery.flags import add_run_args, add_training_args
+from machinery.models import load_tokenizer
+from machinery.optimization import (adamw, batch_layout, check_batch, clip_grad_norm, fit_batch,
+                                    global_batch, lr_at, MetricsLog, peak_memory_all_ranks,
+                                    peak_memory_gb, stop_if_not_finite, sync_gradients,
+                                    warmup_steps)
+from machinery.packing import collate_pairs
+from machinery.pairs import keep_short, reference_logps
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +128,8 @@ def load_step_pairs(path: Path, tok, args) -> list[dict]:
 
 
 def main(args):
-    _, world, device = dist_init()
+    # Init
+    rank, world, device = dist_init()
     check_batch(args)
     run = Path(args.run_dir)
     out = Path(args.out or run / "06_train_stepdpo")
@@ -128,23 +138,79 @@ def main(args):
     config = {**vars(args), "model": model_path, "data": str(data), "out": str(out),
               "world": world, "method": "stepdpo"}
 
-    # load
+    # Load: the step pairs, then the policy (FSDP2 over the ranks, optional LoRA), its AdamW
     tok = load_tokenizer(model_path, args.trust_remote_code)
     pairs = load_step_pairs(data, tok, args)
     config["batch_size"] = B = fit_batch(args, len(pairs), "pairs")
     print0("config " + json.dumps(config))
+    model = load_for_training(model_path, device, args.bf16, args.cpu_offload,
+                              args.activation_checkpointing,
+                              lora_config(args.lora_r, LORA_TARGETS, lora_dropout=0.0),
+                              args.trust_remote_code)
+    opt, amp = adamw(model, args.lr, args.weight_decay), autocast_for(device, args.bf16)
+    layout = batch_layout(args, model)  # packed rows, or padded where the model cannot take them
 
-    # train: the policy (FSDP2 over the ranks, optional LoRA) is also the reference
-    model, opt, amp = training_policy(args, model_path, device, LORA_TARGETS, lora_dropout=0.0)
-    done = train_preference(args, model, opt, amp, tok, pairs, B, out,
-                            loss_fn=lambda pol, ref, b: step_dpo_loss(pol, ref, b["loss_mask"],
-                                                                      args.beta))
+    # the reference: the policy before its first update, scored once without gradients
+    t0 = time.time()
+    ref = reference_logps(model, pairs, tok.pad_token_id, args.micro_batch_size, device, amp,
+                          layout)  # [(winning step's log-probs, losing step's)] per pair
+    for p, (ref_chosen, ref_rejected) in zip(pairs, ref):  # collate_pairs lays them out
+        p["ref_chosen_logps"], p["ref_rejected_logps"] = ref_chosen, ref_rejected
+    print0(f"reference log-probs of {len(pairs)} pairs in {time.time() - t0:.1f}s")
 
-    # write: an ordinary HF model (LoRA merged), the resolved config beside it
-    if done:  # None: --stop-after, the rest waits for --resume
+    # Loop: one optimizer step per global batch of B pairs, each rank a share of it
+    total = args.max_steps or args.epochs * (len(pairs) // B)
+    warmup, mbs = warmup_steps(args, total), args.micro_batch_size
+    step = load_checkpoint(out / "checkpoints", model, opt, args.resume)  # 0: a fresh run
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step)
+    model.train()
+    while step < total:
+        t0 = time.time()
+        peak_memory_gb(device)  # reset: each step logs its own peak
+        lr = lr_at(step, total, args.lr, warmup, args.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        mine = global_batch(len(pairs), B, args.seed, step)[rank::world]  # this rank's share
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # summed over this share:
+        for s in range(0, len(mine), mbs):  # loss, reward acc, win, lose reward, tokens
+            sync_gradients(model, last_micro_batch=s + mbs >= len(mine))
+            b = {k: v.to(device) for k, v in collate_pairs(
+                [pairs[i] for i in mine[s:s + mbs]], tok.pad_token_id, **layout).items()}
+            with amp:
+                logps = token_logps(model, b)  # (2m, T-1), rows: m winning, then m losing
+            losses, r_w, r_l = step_dpo_loss(logps.float(), b["ref_logps"], b["loss_mask"],
+                                             args.beta)  # (m,) each
+            # The step's loss is the mean over the B pairs of the global batch: each micro-batch
+            # adds its sum / B, times world as FSDP averages gradients over ranks (as in 05).
+            (losses.sum() * world / B).backward()
+            sums += torch.stack([losses.sum().detach(), (r_w > r_l).sum(), r_w.sum(), r_l.sum(),
+                                 b["attention_mask"].sum()]).double()
+        grad_norm = clip_grad_norm(model, args.max_grad_norm)
+        loss, acc, chosen, rejected, tokens = all_reduce_sum(sums).cpu().tolist()  # all ranks
+        loss, acc, chosen, rejected = loss / B, acc / B, chosen / B, rejected / B
+        stop_if_not_finite(loss, grad_norm, step, out / "checkpoints", out / "model")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        log.log({"step": step, "loss": loss, "reward_acc": acc, "chosen_reward": chosen,
+                 "rejected_reward": rejected, "margin": chosen - rejected, "grad_norm": grad_norm,
+                 "lr": lr, "tokens_per_s": tokens / dt, "dt": dt,
+                 "peak_mem_gb": peak_memory_all_ranks(device)})
+        step += 1
+        if step < total and (args.save_every and step % args.save_every == 0
+                             or step == args.stop_after):
+            save_checkpoint(out / "checkpoints", model, opt, step, args.keep_checkpoints)
+        if step == args.stop_after and step < total:
+            print0(f"stopped after step {step} (--stop-after); --resume finishes {out / 'model'}")
+            break
+
+    # Write: an ordinary HF model (LoRA merged), the resolved config beside it
+    if step >= total:  # else --stop-after: the rest waits for --resume
         save_model(model, tok, out / "model", extra=config,
                    dtype=torch.bfloat16 if args.bf16 else torch.float32)
-        print0(f"saved {out / 'model'} after {done['steps']} steps")
+        print0(f"saved {out / 'model'} after {total} steps")
+
+    # Cleanup
     dist_teardown()
 
 

@@ -1,5 +1,4 @@
-"""
-Stage 07: accuracy on GSM8K, MATH500 or a local JSONL (the toy test split by default).
+"""Stage 07: accuracy on GSM8K, MATH500 or a local JSONL (the toy test split by default).
 
 Greedy by default (temperature 0, one answer per problem, the protocol of PAPERS.md B4); graded
 with mathtext's extract_answer / is_equiv (this project's grader, not the released ones of
@@ -32,7 +31,7 @@ Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, g
       --model runs/toy/06_train_stepdpo/model                                 # side by side
   python 07_eval.py --run-dir runs/toy --summary                              # table only
   torchrun --nproc_per_node=8 -- 07_eval.py --run-dir runs/l3-8b \\
-      --model runs/l3-8b/05_train_cdpo/model --data ../shared/data/gsm8k/test.jsonl \\
+      --model runs/l3-8b/05_train_cdpo/model --data gsm8k \\
       --max-new-tokens 512 --batch-size auto --bf16
 (with --n, the `--` keeps torchrun from reading it as an abbreviation of its own options)
 """
@@ -46,12 +45,14 @@ from pathlib import Path
 
 import torch
 
-from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, fail,
-                    load_model, load_tokenizer, print0, read_json, read_jsonl, write_json,
-                    write_jsonl, write_text)
-from mathtext import format_prompt, grade, is_equiv, load_problems, pass_at_k, STOP_STRINGS
-from sampling import (add_sampling_args, check_sampling_args, file_stamp, GradedSampling,
-                      resume_share)
+from common import (barrier, dist_init, dist_teardown, fail, print0, read_json, read_jsonl,
+                    write_json, write_jsonl, write_text)
+from machinery.flags import add_model_args, add_run_args, add_sampling_args, check_sampling_args
+from machinery.mathtext import (format_prompt, grade, is_equiv, load_problems, pass_at_k,
+                                STOP_STRINGS)
+from machinery.models import load_model, load_tokenizer
+from machinery.resume import file_stamp, resume_share
+from machinery.sampling import GradedSampling
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,8 +264,7 @@ def main(args):
     check_sampling_args(args)
     # a missing second model stops here, not after the first model's results are written
     toks = [load_tokenizer(m, args.trust_remote_code) for m in models]
-    problems = load_problems(args.data, args.split)
-    problems = problems[:args.limit] if args.limit > 0 else problems
+    problems = load_problems(args.data, args.split)[:args.limit or None]
     if not problems:
         fail(f"{args.data}: no problems")
     print0(f"config: {json.dumps({**vars(args), 'model': models, 'label': labels})}")

@@ -1,5 +1,4 @@
-"""
-Stage 08 (study): do critical tokens exist, and does contrastive estimation find them?
+"""Stage 08 (study): do critical tokens exist, and does contrastive estimation find them?
 The cDPO paper's pass@k figure in miniature (PAPERS.md A5, the released rollout rule).
 
 For each of the first --limit rejected answers y of 04_score_tokens/pairs.jsonl (their token ids,
@@ -42,17 +41,21 @@ from pathlib import Path
 
 import torch
 
-from common import (add_model_args, add_run_args, barrier, dist_init, dist_teardown, get_world,
-                    load_model, load_tokenizer, numbers, print0, read_jsonl, seed_for, token_ids,
+from common import (barrier, dist_init, dist_teardown, get_world, print0, read_jsonl, seed_for,
                     write_json)
-from mathtext import grade, pass_at_k
-from sampling import auto_batch_size, batch_size_arg, file_stamp, generate, Progress, resume_share
+from machinery.checks import numbers, token_ids
+from machinery.flags import add_model_args, add_run_args, batch_size_arg
+from machinery.generation import generate
+from machinery.mathtext import grade, pass_at_k
+from machinery.models import load_model, load_tokenizer
+from machinery.resume import file_stamp, Progress, resume_share
+from machinery.sampling import auto_batch_size
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 add_run_args(parser, model="rollout model (default: <run-dir>/00_toy/model)",
              data="scored pairs (default: <run-dir>/04_score_tokens/pairs.jsonl)",
-             out="08_critical_tokens", limit="rejected answers (24: the toy demo's ~2 min)",
+             out="08_critical_tokens", limit="rejected answers (the toy demo: 24)",
              seed="rollout seed", limit_default=24)
 g = parser.add_argument_group("rollouts")
 g.add_argument("--rollouts", type=int, default=16,
@@ -181,17 +184,16 @@ def main(args):
     rank, world, device = dist_init()
     run = Path(args.run_dir)
     out = Path(args.out or run / "08_critical_tokens")
-    data = args.data or run / "04_score_tokens" / "pairs.jsonl"
-    model_dir = args.model or run / "00_toy" / "model"
-    tok = load_tokenizer(model_dir, args.trust_remote_code)
+    data = Path(args.data or run / "04_score_tokens" / "pairs.jsonl")
+    model_path = str(args.model or run / "00_toy" / "model")
+    tok = load_tokenizer(model_path, args.trust_remote_code)
     ids = token_ids(len(tok))  # 04's ids, of this model's tokenizer
     pairs = read_jsonl(data, required={"id": str, "prompt_ids": ids, "rejected_ids": ids,
                                        "rejected_weights": numbers, "answer": str},
-                       parallel=[("rejected_weights", "rejected_ids")])
-    pairs = pairs[:args.limit] if args.limit > 0 else pairs
+                       parallel=[("rejected_weights", "rejected_ids")])[:args.limit or None]
 
     # Load
-    model = load_model(model_dir, device, torch.bfloat16 if args.bf16 else torch.float32,
+    model = load_model(model_path, device, torch.bfloat16 if args.bf16 else torch.float32,
                        args.trust_remote_code, tp=args.tp).eval()
     print0(f"critical-token study: {len(pairs)} answers x {args.rollouts} rollouts per position")
     # resume only what this model (these very weights), these pairs and this config produced;
@@ -199,7 +201,7 @@ def main(args):
     shapes = ("rollouts", "temperature", "max_new_tokens", "cancel_frac", "seed")
     store, todo = resume_share(out / "answers.jsonl", pairs, args.tp,
                                fingerprint={**{k: vars(args)[k] for k in shapes}, "record": 2,
-                                            "model": file_stamp(model_dir),
+                                            "model": file_stamp(model_path),
                                             "data": file_stamp(data)})
     if args.batch_size == "auto":  # a rollout prefix is a prompt + a prefix of its answer
         longest = max((len(p["prompt_ids"]) + len(p["rejected_ids"]) for p in todo), default=0)

@@ -1,5 +1,4 @@
-"""
-Stage 09: the results table and pictures of a run (and of its extra seeds), from the files the
+"""Stage 09: the results table and pictures of a run (and of its extra seeds), from the files the
 stages wrote. Nothing here is typed in by hand: every number comes from a results.json or a
 metrics.jsonl, so the README's Results section is what this script printed.
 

@@ -1,27 +1,20 @@
-"""Shared mechanisms of the pipeline: processes, files, tokens, log-probs, models.
+"""common.py: what the numbered stages share and a method reader should see.
 
-No algorithms live here: the losses, selection rules, token scoring and step localization are in
-full view in their stages. Three modules beside this one hold what only some stages share:
-sampling.py (generation and the long record-by-record stages), training.py (FSDP2, optimizer,
-checkpoints) and batches.py (the padded and packed batch layouts). This file holds what nearly
-every stage needs:
-
-  errors       fail(msg): one clear line on stderr and exit code 2 (bad input is never a traceback)
-  processes    dist_init / dist_teardown / print0 / all_reduce_sum: same code under python or
-               torchrun (gloo on CPU; NCCL beside gloo on GPUs); seed_for
-  files        read_jsonl / read_json / read_text: one line naming file:line and the field for
-               any damage (not UTF-8, torn, no object, a missing or mistyped field; token_ids,
-               numbers, each: the checks of id lists, weights and 01's samples); atomic writes
-               (the long stages' append-and-resume by record id is sampling.ResumableJsonl)
-  tokens       encode_prompt / encode_response / encode_steps (tokenized apart, BOS as the
-               tokenizer adds it, EOS = the end id the model wrote)
-  log-probs    token_logps: the one place where the label shift happens, chunked over positions
-               (each chunk over the full vocabulary), for padded and packed batches alike
-  models       load_tokenizer / load_model (safetensors only; --tp: tensor parallel), each
-               after check_model_dir: configs that parse, whole weights files, a tokenizer that
-               fits the model's vocabulary
-  flags        add_run_args (--run-dir, --model, --data, --out, --limit, --seed) and
-               add_model_args (--bf16, --tp, --trust-remote-code of the inference stages)
+  processes    dist_init / dist_teardown / print0 / all_reduce_sum / all_reduce_max: the same
+               code under python or torchrun (gloo on CPU; NCCL beside gloo on GPUs); seed_for
+  files        fail(msg): one clear line and exit code 2 for bad input; read_jsonl (one line
+               naming file:line and the field for any damage; field checks in
+               machinery/checks.py), read_json, read_text; atomic writes
+  tokens       encode_prompt / encode_response / encode_steps: prompt and response tokenized
+               apart, BOS as the tokenizer adds it, EOS = the end id the model wrote
+  log-probs    token_logps: the batched log-prob routine every trained log-prob comes from,
+               chunked over positions, for padded and packed batches alike
+  FSDP         shard_model (fully_shard per decoder layer, then the root), load_for_training
+               (rank 0 reads the checkpoint, the others get their shards by broadcast; optional
+               LoRA), autocast_for
+Everything else a stage calls lives in machinery/, one role a file (machinery/__init__.py lists
+them). No algorithm lives here: the losses, the selection rule, the token scoring and the step
+localization are in their stages.
 """
 import datetime
 import functools
@@ -36,10 +29,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 import torch.distributed as dist
 
-from batches import packed_attention_mask
+from machinery.checks import record_error
+from machinery.packing import packed_forward, unpack_logps
 
 
-# Errors
+# Bad input stops with one line
 def fail(msg: str):
     """Stop on bad input: one line on stderr, exit code 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
@@ -111,12 +105,19 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(x: torch.Tensor, op=None) -> torch.Tensor:
-    """Sum (or `op`, e.g. dist.ReduceOp.MAX) a tensor over ranks (identity in one process); used
-    for metrics, never for gradients."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over ranks (itself in one process); for metrics, never gradients."""
     if dist.is_initialized():
         x = x.clone()
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of a tensor over ranks (itself in one process)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 
@@ -137,79 +138,6 @@ def _text(data: bytes, where: str, lines: bool = True) -> str:
         line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
         fail(f"{where}{f':{line}' if lines else ''}: not UTF-8 text (byte 0x{data[e.start]:02x} "
              f"at column {column}); re-save the file as UTF-8")
-
-
-def _kind(v) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-def _value_error(value, spec) -> str | None:
-    """What is wrong with a field's value: spec is a type or tuple of types (a bool is no int
-    unless bool is named; type(None) allows null) or a check such as token_ids(vocab)."""
-    if not isinstance(spec, (type, tuple)):
-        return spec(value)
-    types = spec if isinstance(spec, tuple) else (spec,)
-    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
-        return None
-    return (f"should be {' or '.join('null' if t is type(None) else t.__name__ for t in types)}"
-            f", got {_kind(value)}")
-
-
-def _record_error(rec, required: dict | None, optional: dict | None = None) -> str | None:
-    if not isinstance(rec, dict):
-        return f"expected a JSON object, got {_kind(rec)}"
-    for field, spec in (required or {}).items():
-        if field not in rec:
-            return f"missing field '{field}'"
-    for field, spec in [*(required or {}).items(), *(optional or {}).items()]:
-        if field in rec and (err := _value_error(rec[field], spec)):
-            return f"field '{field}' {err}"
-    return None
-
-
-def token_id(vocab: int | None, null: bool = False):
-    """Field check for read_jsonl: one token id, an int in [0, vocab) (or null where allowed)."""
-    def check(x):
-        if x is None and null:
-            return None
-        if type(x) is not int:
-            return f"should be a token id (an integer), got {json.dumps(x)[:40]}"
-        if x < 0 or vocab is not None and x >= vocab:
-            return (f"holds token id {x}, outside this tokenizer's vocabulary [0, {vocab}) "
-                    "(written with another tokenizer? re-run the stage that writes it)")
-        return None
-    return check
-
-
-def token_ids(vocab: int | None):
-    """Field check for read_jsonl: a list of token ids, each an int in [0, vocab)."""
-    one = token_id(vocab)
-
-    def check(v):
-        if not isinstance(v, list):
-            return f"should be a list of token ids, got {_kind(v)}"
-        return next((f"item {i} {err}" for i, x in enumerate(v) if (err := one(x))), None)
-    return check
-
-
-def numbers(v) -> str | None:
-    """Field check for read_jsonl: a list of finite numbers (token weights)."""
-    if not isinstance(v, list):
-        return f"should be a list of numbers, got {_kind(v)}"
-    return next((f"item {i} should be a finite number, got {json.dumps(x)[:40]}"
-                 for i, x in enumerate(v) if type(x) not in (int, float) or not math.isfinite(x)),
-                None)
-
-
-def each(required: dict, optional: dict | None = None):
-    """Field check for read_jsonl: a list of JSON objects, each with the `required` fields and,
-    where present, `optional` ones of their types (01's samples: text, pred, correct, ...)."""
-    def check(v):
-        if not isinstance(v, list):
-            return f"should be a list, got {_kind(v)}"
-        return next((f"item {i}: {err}" for i, x in enumerate(v)
-                     if (err := _record_error(x, required, optional))), None)
-    return check
 
 
 def read_jsonl(path, required: dict | None = None, locations: bool = False,
@@ -242,7 +170,7 @@ def read_jsonl(path, required: dict | None = None, locations: bool = False,
                     "the last line is cut off (an interrupted write?): delete it or re-run the "
                     "stage that writes it" if not raw.endswith(b"\n") else
                     "fix or delete that line"))
-            if err := _record_error(rec, required, optional):
+            if err := record_error(rec, required, optional):
                 fail(f"{where}: {err}")
             for a, b in parallel:
                 if isinstance(rec.get(a), list) and len(rec[a]) != len(rec.get(b) or []):
@@ -263,7 +191,7 @@ def read_json(path, required: dict | None = None,
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         fail(f"{path}: malformed JSON ({e.msg}: line {e.lineno} column {e.colno}); {hint}")
-    if err := _record_error(rec, required):
+    if err := record_error(rec, required):
         fail(f"{path}: {err}; {hint}")
     return rec
 
@@ -419,183 +347,149 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 def token_logps(model, batch: dict, chunk_bytes: int = 1 << 30) -> torch.Tensor:
     """Float32 log-prob of each next token given the tokens before it in its own sequence:
-    out[b, t] = log p(x[b, t+1] | x[b, :t+1]).
+
+        out[b, t] = log p(x[b, t+1] | x[b, :t+1])        (B, T-1)
 
     batch: a padded batch {input_ids, attention_mask} (B, T), 0/1 mask, left or right padding
     (position ids follow the mask, so a sequence scores the same whatever padding its batch
-    needs); or a packed one from pack_rows (collate_pairs / collate_sft with packed=True): its
-    rows hold several sequences, logits are computed only where a response token is scored,
-    and the log-probs come back in the padded layout's rows and columns, response columns only.
-    Returns (B, T-1), differentiable; positions whose target or context token is padding are 0
-    (in a packed batch: every column but the responses'). This is the only label shift in the
-    project: callers mask and reduce (sum for DPO, weighted sum for cDPO, span for Step-DPO).
+    needs). Positions whose target or context token is padding are 0. Differentiable; callers
+    mask and reduce (sum for DPO, weighted sum for cDPO, the step's span for Step-DPO).
+    A packed batch (machinery.packing: collate_pairs / collate_sft with packed=True) keeps the
+    same contract: its rows hold several sequences, logits are computed only where a response
+    token is scored, and the log-probs come back in the padded layout's rows and columns, 0
+    outside the responses.
+    Every log-prob a stage trains on is shifted here. Three places shift labels on their own,
+    for what this routine does not compute: 04's contrastive estimation (two models' logits
+    combined before the softmax), 08's next-token distribution at one position, and 00's
+    cross-entropy, which trains the toy model and is kept as it was so its weights stay the same.
     Chunks: at most 1/8 of the positions and at most chunk_bytes of float32 (B, c, V) each: the
-    extra memory stays under 1/8 of float32 logits, in 8 chunks of a few kernels each where the
-    budget allows (B 4 x T 1024 at vocabulary 128,256: 8 chunks of 0.25 GB).
+    extra memory stays under 1/8 of float32 logits.
     """
-    ids, real = batch["input_ids"], batch["attention_mask"]  # (R, L)
-    if "unpack" in batch:  # packed: logits for the last K positions of each row
-        K = batch["source"].shape[1] + 1
-        attention = packed_attention_mask(model, batch["seq_doc"], batch["seq_branch"],
-                                          batch["position_ids"])
-        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=K,
-                       position_ids=batch["position_ids"], use_cache=False).logits  # (R, K, V)
-        rescored = (batch["source"] != torch.arange(K - 1, device=ids.device)).nonzero(
-            as_tuple=True)
-        rescored = (*rescored, batch["source"][rescored])
+    ids, real = batch["input_ids"], batch["attention_mask"]  # (B, T)
+    if "unpack" in batch:  # packed rows: logits (R, K, V) for the last K positions of each row
+        logits, targets, rescored = packed_forward(model, batch)
     else:
         logits = model(input_ids=ids, attention_mask=real, position_ids=position_ids(real),
                        use_cache=False).logits  # (B, T, V)
+        targets = ids[:, 1:]  # (B, T-1): the label shift
         rescored = (torch.empty(0, dtype=torch.long, device=ids.device),) * 3
     B, K, V = logits.shape
     chunk = max(1, min(math.ceil((K - 1) / 8), chunk_bytes // (4 * B * V)))  # positions per chunk
-    logps = _ChunkedTokenLogps.apply(logits, ids[:, ids.shape[1] - K + 1:], chunk, rescored)
-    if "unpack" in batch:  # (R, K-1) -> the padded layout's (rows, T-1), 0 outside responses
-        idx = batch["unpack"]
-        return torch.where(idx >= 0, logps.flatten()[idx.clamp(min=0)], 0.0)
+    logps = _ChunkedTokenLogps.apply(logits, targets, chunk, rescored)  # (B, K-1)
+    if "unpack" in batch:
+        return unpack_logps(logps, batch)
     valid = real[:, :-1].bool() & real[:, 1:].bool()  # (B, T-1)
     return torch.where(valid, logps, torch.zeros_like(logps))
 
 
-# Models: Hugging Face format, safetensors only
-DAMAGED = "the model dir is damaged (an interrupted copy or download?): copy or download it again"
+# FSDP2: sharding a model for training
+def decoder_layers(model):
+    """The list of transformer blocks (Llama, Qwen2, Mistral, DeepSeek: model.model.layers)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.layers
 
 
-def _check_safetensors(f: Path):
-    """A whole safetensors file: an 8-byte header length, a JSON header, and exactly the bytes
-    its tensors' offsets cover (an interrupted copy is shorter, an empty file has nothing)."""
-    size = f.stat().st_size
-    try:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n) if 0 < n <= size - 8 else b"")
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        fail(f"{f}: {'an empty file' if size == 0 else 'no whole safetensors file'} ({size} "
-             f"bytes); {DAMAGED}")
-    if 8 + n + end != size:
-        fail(f"{f}: {'cut off' if size < 8 + n + end else 'too long'}: {size} bytes where its "
-             f"header promises {8 + n + end}; {DAMAGED}")
+def sharded() -> bool:
+    """Training is FSDP2-sharded under torchrun: over several ranks, or over one GPU (that is how
+    --cpu-offload works on a single card). Plain `python`, or one CPU process, trains one
+    unsharded model (gloo's one-rank collectives made a toy step ~50x slower here)."""
+    return dist.is_initialized() and (get_world() > 1 or torch.cuda.is_available())
 
 
-def check_model_dir(path) -> dict:
-    """A local model dir, checked before anything loads it, so that damage stops with one line
-    naming the file while the stage has written nothing: its JSON configs parse (a torn
-    generation_config.json would silently drop end ids), every safetensors file is whole and
-    every shard its index names exists. Returns its config.json ({} for a hub id: those are
-    from_pretrained's to check)."""
-    p = Path(path)
-    if not p.is_dir():
-        return {}
-    config = {name: read_json(p / name, hint=DAMAGED) for name in (
-        "config.json", "generation_config.json", "tokenizer_config.json",
-        "special_tokens_map.json") if (p / name).is_file()}
-    if (p / "model.safetensors.index.json").is_file():
-        index = read_json(p / "model.safetensors.index.json", {"weight_map": dict}, DAMAGED)
-        for shard in sorted(set(map(str, index["weight_map"].values()))):
-            if not (p / shard).is_file():
-                fail(f"{p / shard}: no such file, though the index names it; {DAMAGED}")
-    for f in sorted(p.glob("*.safetensors")):
-        _check_safetensors(f)
-    return config.get("config.json", {})
+def shard_model(model, device, bf16: bool = False, cpu_offload: bool = False,
+                activation_checkpointing: bool = False):
+    """FSDP2: fully_shard each decoder layer, then the root. Trained parameters stay float32
+    masters; with --bf16 compute runs in bf16 and gradients are reduced in float32. Without a
+    process group the model is only moved to the device."""
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if not sharded():
+        return model.to(device)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    kw = {}
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                               reduce_dtype=torch.float32)
+    if cpu_offload:  # pinned host memory exists only with CUDA
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    if any(p.is_meta for p in model.parameters()):  # built on meta: allocate, the caller fills it
+        model.to_empty(device="cpu" if cpu_offload else device)
+    elif not cpu_offload:
+        model.to(device)
+    # fully_shard moves buffers (rotary inv_freq) with the parameters: to the host when
+    # offloading, where the forward (on the GPU) cannot use them and NCCL cannot broadcast them.
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return model
 
 
-def _check_exists(path):
-    """A path that is clearly local (not a hub id) must exist."""
-    if not Path(path).exists() and (str(path).startswith((".", "/", "runs"))
-                                    or str(path).count("/") > 1):
-        fail(f"model '{path}' not found (run the stage that writes it, or pass the right path)")
+def load_for_training(path, device, bf16=False, cpu_offload=False, activation_checkpointing=False,
+                      lora=None, trust_remote_code=False):
+    """The policy for 03/05/06. Under torchrun only rank 0 reads the checkpoint; other ranks build
+    the model on the meta device and receive their shards by broadcast, so 8 ranks never each hold
+    a 70B copy in host memory. `lora` is a peft.LoraConfig or None (full fine-tuning).
+
+    Dtypes: trained parameters are float32 masters (LoRA adapters included). The frozen base of
+    a LoRA run with --bf16 is kept in bf16: it is only read, by bf16 compute, and float32 would
+    double it (Llama-3-70B: 141 GB instead of 282). Rank 0 reads a full-tuning checkpoint in its
+    own dtype (Llama-3 ships bf16); the copy into each rank's float32 shard upcasts exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from machinery.models import load_model  # it needs this module: imported on use
+    base_dtype = torch.bfloat16 if lora is not None and bf16 else torch.float32
+    if not sharded() or get_world() == 1:
+        model = load_model(path, "cpu", base_dtype, trust_remote_code)
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                              set_model_state_dict)
+        full = load_model(path, "cpu", base_dtype if lora is not None else "auto",
+                          trust_remote_code) if get_rank() == 0 else None
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=base_dtype)
+    if lora is not None:
+        from peft import get_peft_model
+        torch.manual_seed(0)  # LoRA A init: same on every rank and run
+        model = get_peft_model(model, lora)  # adapters in float32 (peft's autocast_adapter_dtype)
+        if get_world() > 1 and get_rank() == 0:
+            torch.manual_seed(0)  # the LoRA init that is broadcast = the 1-process one
+            full = get_peft_model(full, lora)
+    model = shard_model(model, device, bf16, cpu_offload, activation_checkpointing)
+    if get_world() > 1:
+        sd = full.state_dict() if get_rank() == 0 else {}
+        set_model_state_dict(model, sd, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        # Buffers (rotary inv_freq) are in no state dict: rank 0 sends its own, dtype included.
+        names = [n for n, _ in model.named_buffers()]
+        bufs = [full.get_buffer(n) for n in names] if get_rank() == 0 else [None] * len(names)
+        meta = [[(b.dtype, b.shape) for b in bufs] if get_rank() == 0 else None]
+        dist.broadcast_object_list(meta, src=0)
+        for name, buf, (dtype, shape) in zip(names, bufs, meta[0]):
+            owner, leaf = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            t = buf.to(device) if get_rank() == 0 else torch.empty(shape, dtype=dtype,
+                                                                   device=device)
+            dist.broadcast(t, src=0)
+            owner._buffers[leaf] = t
+        del full
+    return model
 
 
-def load_tokenizer(path, trust_remote_code: bool = False):
-    """The tokenizer of a model dir or hub id. A local dir is checked whole first
-    (check_model_dir: the stages read the tokenizer before anything is written, so damaged
-    weights stop them there too), and a tokenizer with more tokens than the model's config has
-    embeddings (another model's tokenizer files) is refused."""
-    from transformers import AutoTokenizer
-    _check_exists(path)
-    cfg = check_model_dir(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001: the tokenizers library raises plain Exceptions
-        if Path(path).is_dir():  # name the damaged file where one is
-            for f in sorted(Path(path).glob("*.json")):
-                read_json(f, hint=DAMAGED)
-        fail(f"cannot load tokenizer from '{path}' ({type(e).__name__}: "
-             f"{(str(e).splitlines() or [''])[0][:200]}); pass a model dir or hub id with one")
-    vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
-    if isinstance(vocab, int) and len(tok) > vocab:
-        fail(f"{path}: the tokenizer has {len(tok)} tokens, the model's vocabulary (config.json "
-             f"vocab_size) {vocab}: tokenizer files of another model? copy this model's own")
-    if tok.pad_token_id is None:  # Llama-3 has none; padding is always masked, EOS serves
-        tok.pad_token = tok.eos_token
-    return tok
+def lora_config(r: int, targets: list[str], lora_dropout: float):
+    """peft's LoraConfig of rank r (alpha 2r) on the `targets` projections; None for r = 0 (full
+    fine-tuning)."""
+    if not r:
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
 
 
-def load_model(path, device="cpu", dtype=torch.float32, trust_remote_code: bool = False,
-               tp: bool = False):
-    """An HF causal LM from a local dir or hub id. Pickle checkpoints (.bin/.pt) are refused:
-    loading them can execute code. trust_remote_code stays off unless a flag asks. A local dir
-    is checked first (check_model_dir); what from_pretrained still refuses stops with one line.
-    tp (under torchrun): tensor parallel over all ranks with transformers' tp_plan, each rank
-    holding 1/world of every layer: how a 70B model samples on 8 GPUs of 80 GB."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, DistributedConfig
-    p = Path(path)
-    if p.is_dir() and not list(p.glob("*.safetensors")):
-        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
-            fail(f"{path}: only pickle weights (.bin/.pt) found; convert them to safetensors")
-        fail(f"{path}: no model.safetensors in this directory (run the stage that writes it)")
-    _check_exists(path)
-    check_model_dir(path)
-    try:
-        sharded = {"distributed_config": DistributedConfig(tp_plan="auto")} if (
-            tp and get_world() > 1) else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-            **sharded)
-    except torch.OutOfMemoryError:
-        raise
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:
-        fail(f"cannot load model '{path}' ({type(e).__name__}: "
-             f"{(str(e).splitlines() or [''])[0][:200]}); check its config.json and weights")
-    if sharded:
-        print0(f"{path}: tensor parallel, 1/{get_world()} of each layer per rank")
-    return model.to(device)
-
-
-# Flags that several stages share (the training flags: training.add_training_args)
-def add_run_args(parser, *, data: str, out: str, limit: str, model: str | None = None,
-                 seed: str | None = None, limit_default: int = 0):
-    """The "run" group a stage starts with, one flag vocabulary (DESIGN.md): --run-dir, --model,
-    --data, --out, --limit and, where the stage draws anything, --seed. The keywords are the
-    stage's help texts (`out`: the output's default path in the run dir; `limit`: what --limit
-    counts). Returns the group, for a stage's own run flags (--split, --label, --pos-model)."""
-    g = parser.add_argument_group("run")
-    g.add_argument("--run-dir", default="runs/toy",
-                   help="run directory shared by all stages (%(default)s)")
-    if model:
-        g.add_argument("--model", default=None, help=model)
-    g.add_argument("--data", default=None, help=data)
-    g.add_argument("--out", default=None, help=f"output dir (default: <run-dir>/{out})")
-    g.add_argument("--limit", type=int, default=limit_default,
-                   help=f"use the first K {limit} (0: all; default %(default)s)")
-    if seed:
-        g.add_argument("--seed", type=int, default=0, help=f"{seed} (%(default)s)")
-    return g
-
-
-def add_model_args(parser):
-    """--bf16, --tp and --trust-remote-code, as every stage that runs models without training
-    them (01, 02, 04, 07, 08) takes them."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--bf16", action="store_true", help="run the model(s) in bfloat16: on GPUs, "
-                   "and on CPUs with bf16 matrix units (AVX512-BF16, AMX), where sampling is "
-                   "1.5-1.9x faster but greedy text drifts from float32's (BENCHMARKS.md)")
-    g.add_argument("--tp", action="store_true", help="under torchrun: shard the model over all "
-                   "ranks (tensor parallel) instead of a full copy per rank; for models larger "
-                   "than one GPU")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow model code from the checkpoint (off: it can execute anything)")
-    return g
+def autocast_for(device, bf16: bool):
+    """bf16 compute in one process (under FSDP2 its MixedPrecisionPolicy does it); else a no-op."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16 and not sharded())

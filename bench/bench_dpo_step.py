@@ -70,7 +70,7 @@ def build_model(spec, dev):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common import load_model
+    from machinery.models import load_model
     torch.manual_seed(0)
     if spec["model"]:
         return load_model(spec["model"], dev)
@@ -97,7 +97,7 @@ def load_pairs(spec, tok, stepdpo) -> tuple[list[dict], str]:
         pairs = [stepdpo.encode_step_pair(tok, r) for r in records]
         pairs, loss = [p for p in pairs if p], "stepdpo"
     if spec["prompt_tokens"]:
-        from mathtext import FEWSHOT_BLOCK
+        from machinery.mathtext import FEWSHOT_BLOCK
         block = tok(FEWSHOT_BLOCK * 8, add_special_tokens=False).input_ids
         for p in pairs:
             body = p["prompt_ids"]
@@ -121,9 +121,10 @@ def run_one(spec):
 
     import torch
 
-    from batches import collate_pairs
-    from common import load_tokenizer, token_logps
-    from training import adamw, clip_grad_norm
+    from machinery.packing import collate_pairs
+    from common import token_logps
+    from machinery.models import load_tokenizer
+    from machinery.optimization import adamw, clip_grad_norm
     CDPO, STEPDPO = load_stage("05_train_cdpo"), load_stage("06_train_stepdpo")
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -150,9 +150,10 @@ def main(args):
     import torch
 
     from machine import describe
-    from common import encode_prompt, load_model, load_tokenizer, seed_for
-    from generation import end_ids, generate
-    from mathtext import format_prompt, load_problems, PLAIN_TEMPLATE
+    from common import encode_prompt, seed_for
+    from machinery.models import load_model, load_tokenizer
+    from machinery.generation import end_ids, generate
+    from machinery.mathtext import format_prompt, load_problems, PLAIN_TEMPLATE
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)

@@ -1,4 +1,4 @@
-"""Batched sampling vs one sequence at a time: generated tokens/s of sampling.generate, in one run.
+"""Batched sampling vs one sequence at a time: generated tokens/s of generation.generate.
 
     python bench/bench_sampling.py                       # the toy model of runs/toy, on CPU
     python bench/bench_sampling.py --model DIR --device cuda
@@ -63,9 +63,10 @@ def machine() -> str:
 def main(args):
     import torch
 
-    from common import encode_prompt, load_model, load_tokenizer, read_jsonl, seed_for
-    from mathtext import STOP_STRINGS, format_prompt
-    from sampling import generate
+    from common import encode_prompt, read_jsonl, seed_for
+    from machinery.models import load_model, load_tokenizer
+    from machinery.mathtext import format_prompt, STOP_STRINGS
+    from machinery.generation import generate
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir, note = Path(args.model), "toy model"

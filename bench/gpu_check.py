@@ -6,18 +6,18 @@ code, each line PASS, FAIL or SKIP against runs/memory_plan.py's prediction (REA
     torchrun --nproc_per_node 2 bench/gpu_check.py --shape tiny   # the same code on CPU/gloo
 
 Phases (a phase the plan says cannot fit this machine is a SKIP that prints the arithmetic):
-  full       full fine-tuning: training.load_for_training (rank 0 reads a bf16 checkpoint, FSDP2,
+  full       full fine-tuning: common.load_for_training (rank 0 reads a bf16 checkpoint, FSDP2,
              float32 masters, bf16 compute, activation checkpointing), 4 accumulated
              micro-batches of 05's cDPO loss (--layout packed, the default, or padded),
-             training.sync_gradients, clip, fused AdamW
+             optimization.sync_gradients, clip, fused AdamW
   offload    the same with --cpu-offload (states in pinned host memory)
   lora       LoRA r16 on every projection over a bf16 frozen base, the same steps, then
-             training.save_model (LoRA merged in the gathered state dict) checked against W + s B A
-  sample     sampling.generate at --batch-size auto (sampling.auto_batch_size), 512-token prompts
+             checkpoints.save_model (LoRA merged in the gathered state dict) checked against W + s B A
+  sample     generation.generate at --batch-size auto (sampling.auto_batch_size), 512-token prompts
   resume     --resume on this device: a small LoRA model with dropout 0.1 (every step draws masks
-             from the GPU's generator) through training.optimize, 4 steps straight against 2, a
+             from the GPU's generator) through the training stages' step, 4 steps straight against 2, a
              checkpoint, a fresh model and 2 more, with deterministic kernels: PASS when losses
-             and weights agree bit for bit (training.save_checkpoint holds every RNG state)
+             and weights agree bit for bit (checkpoints.save_checkpoint holds every RNG state)
 Each line: tokens/s, peak GPU memory (torch.cuda.max_memory_allocated) and, for full tuning, MFU
 = 6 x params x tokens/s / (peak bf16 FLOP/s x GPUs) (recompute not counted, as usual), then what
 the verdict checked and what it could not. PASS means every check listed passed:
@@ -50,11 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "runs"))
 import memory_plan  # noqa: E402
-from batches import collate_pairs  # noqa: E402
-from common import dist_init, dist_teardown, get_rank, load_model, print0, token_logps  # noqa: E402
-from sampling import auto_batch_size, generate  # noqa: E402
-from training import (adamw, clip_grad_norm, full_state_dict, load_for_training,  # noqa: E402
-                      optimize, peak_memory_gb, save_model, sync_gradients)
+from common import (all_reduce_sum, dist_init, dist_teardown, get_rank,  # noqa: E402
+                    get_world, load_for_training, print0, token_logps)
+from machinery.checkpoints import (full_state_dict, load_checkpoint,  # noqa: E402
+                                   save_checkpoint, save_model)
+from machinery.models import load_model  # noqa: E402
+from machinery.optimization import (adamw, clip_grad_norm, global_batch,  # noqa: E402
+                                    MetricsLog, peak_memory_gb, sync_gradients)
+from machinery.packing import collate_pairs  # noqa: E402
+from machinery.sampling import auto_batch_size  # noqa: E402
+from machinery.generation import generate  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +108,7 @@ def random_checkpoint(shape: dict, path: Path):
 
 
 def pairs_batch(shape, micro, T, seed, device, packed: bool):
-    """One micro-batch of m random pairs as 05 feeds it (batches.collate_pairs, in the packed or
+    """One micro-batch of m random pairs as 05 feeds it (packing.collate_pairs, in the packed or
     the padded layout): prompt + response = T tokens, a quarter prompt, random cDPO weights on
     the rejected side; reference log-probs filled in by the caller."""
     g = torch.Generator().manual_seed(seed)
@@ -221,7 +226,6 @@ def sample_phase(args, shape, path, device) -> dict:
 def resume_phase(args, device) -> dict:
     """Straight vs stopped-and-resumed LoRA training (module docstring); returns the losses of
     both and the largest weight difference."""
-    from argparse import Namespace
     from peft import LoraConfig
     # with CUBLAS_WORKSPACE_CONFIG (main sets it); an op with no deterministic kernel warns
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -238,16 +242,30 @@ def resume_phase(args, device) -> dict:
             r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"]))
         opt = adamw(model, 1e-3, 0.0)
 
-        def nll(idx):
-            logps = token_logps(model, {"input_ids": rows[idx],
-                                        "attention_mask": torch.ones_like(rows[idx])})  # (m, T-1)
-            return -logps.float().sum(), {"tokens": torch.tensor(rows[idx].numel(), device=device)}
-
-        cfg = Namespace(micro_batch_size=2, max_steps=4, epochs=1, lr=1e-3, warmup_steps=0,
-                        warmup_ratio=0.0, schedule="constant", seed=0, max_grad_norm=1.0,
-                        save_every=0, keep_checkpoints=1, stop_after=stop_after, resume=resume)
-        optimize(cfg, model, opt, len(rows), 8, nll, lambda batch: len(batch) * 63,
-                 ckpt=out / "checkpoints", metrics=out / "metrics.jsonl", model_dir=out)
+        # the optimizer step of 03/05/06 (global_batch, micro-batches of 2, accumulation,
+        # clip, AdamW), 4 steps of 8 records; stop_after: checkpoint there and stop
+        step = load_checkpoint(out / "checkpoints", model, opt, resume)
+        log = MetricsLog(out / "metrics.jsonl", resume_step=step)
+        rank, world, norm = get_rank(), get_world(), 8 * 63  # the loss: mean over 8 x 63 tokens
+        while step < 4:
+            mine = global_batch(len(rows), 8, 0, step)[rank::world]
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for s in range(0, len(mine), 2):
+                sync_gradients(model, last_micro_batch=s + 2 >= len(mine))
+                idx = mine[s:s + 2]
+                logps = token_logps(model, {"input_ids": rows[idx],
+                                            "attention_mask": torch.ones_like(rows[idx])})
+                nll = -logps.float().sum()  # (m, T-1) -> summed
+                (nll * world / norm).backward()
+                total += nll.detach().double()
+            clip_grad_norm(model, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            log.log({"step": step, "loss": all_reduce_sum(total).item() / norm})
+            step += 1
+            if step == stop_after:
+                save_checkpoint(out / "checkpoints", model, opt, step)
+                break
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
         return losses, full_state_dict(model)
 

@@ -8,7 +8,7 @@ padded: each pair is two rows, context + chosen and context + rejected, right-pa
 longest row of the micro-batch (2m rows of T tokens); the context is computed twice and the
 padding too, and the LM head (logits + log-softmax) runs at every slot. packed: each pair is one
 sequence context + chosen + rejected, pairs packed first-fit decreasing into rows as long as the
-micro-batch's longest pair (batches.pack_rows with --row-tokens 0), padding only at row starts, and
+micro-batch's longest pair (packing.pack_rows with --row-tokens 0), padding only at row starts, and
 logits only for the last K positions of each row (K = the longest row tail, a pair's tail being
 its last context token and its two responses). The transformer body scales with token slots, so
 packed slots / padded slots is its compute ratio; the logits ratio is the LM head's.
@@ -59,8 +59,9 @@ if not args.data.is_file():
 
 t0 = time.time()
 import real_parts  # noqa: E402  (tests/: the offline copies of the real tokenizers)
-from common import encode_prompt, encode_response, load_tokenizer  # noqa: E402
-from mathtext import format_prompt, split_steps  # noqa: E402
+from common import encode_prompt, encode_response  # noqa: E402
+from machinery.mathtext import format_prompt, split_steps  # noqa: E402
+from machinery.models import load_tokenizer  # noqa: E402
 encode_step_pair = importlib.import_module("06_train_stepdpo").encode_step_pair
 
 ANNOTATION = re.compile(r"<<[^>]*>>")

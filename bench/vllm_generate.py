@@ -16,7 +16,7 @@ IN.json: {"prompts": [[token ids], ...], "n": int, "temperature": float, "top_p"
 "max_new_tokens": int, "end_ids": [ints]}. The ids go in as TokensPrompt, BOS included as the
 tokenizer wrote it, so vLLM tokenizes nothing. A completion stops at any end id (stop_token_ids,
 and the tokenizer's eos: ignore_eos off) or after max_new_tokens; its ids keep the end id, as
-sampling.generate's do. float32, prefix caching on (a prompt's n samples share its prefill).
+generation.generate's do. float32, prefix caching on (a prompt's n samples share its prefill).
 OUT.json: {"tokens": generated tokens of all completions, "seconds": the timed generate,
 "tokens_per_s", "peak_rss_mib": this process's peak resident set (ru_maxrss; the engine runs in
 this process, see below, so its KV cache and weights count), "start_seconds": from before
@@ -36,7 +36,7 @@ Environment, each set here unless already set:
 Seeds: vLLM's sampler on CPU stops with "CPU Generator does not use offset" when a request with
 a seed asks for n > 1, so a per-request seed (--seed) is given only where n == 1 or greedy; with
 n > 1 sampled rows come from the engine's generator (LLM(seed=--seed)): not drawn per prompt as
-sampling.generate's are, so they depend on the batch.
+generation.generate's are, so they depend on the batch.
 """
 import argparse
 import json

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import second_grader  # noqa: E402
 from common import read_jsonl, write_text  # noqa: E402
-from mathtext import grade  # noqa: E402
+from machinery.mathtext import grade  # noqa: E402
 
 HAND = Path(__file__).with_name("grader_audit_hand.jsonl")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import read_jsonl, write_text  # noqa: E402
-from mathtext import ANSWER_IS_RE, extract_answer, split_steps  # noqa: E402
+from machinery.mathtext import ANSWER_IS_RE, extract_answer, split_steps  # noqa: E402
 
 NUM = r"\$?(\d+(?:\.\d+)?)"
 EQUATION_RE = re.compile(NUM + r"\s*([-+*x×/])\s*" + NUM + r"\s*=\s*" + NUM)

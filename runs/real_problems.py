@@ -25,7 +25,7 @@ Kinds (small numbers, every answer a positive integer); the default mix is add, 
   mul_add  two steps: "... has 4 baskets with 4 marbles in each, and 6 more marbles. ... in all?"
   cost     two steps: "A ball costs $4 and a ruler costs $2. How much do 3 balls and 2 rulers cost?"
 
-Measured greedy accuracy of runs/smollm2/model (sampling.generate, max 128 new tokens, 2026-12-02;
+Measured greedy accuracy of runs/smollm2/model (generation.generate, max 128 new tokens, 2026-12-02;
 --template chat = the question alone as the user message, unless said otherwise):
 
   | problems                                                       | n  | right | accuracy |

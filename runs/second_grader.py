@@ -1,4 +1,4 @@
-"""A second grader written separately from mathtext.py, used by runs/audit_grader.py to audit it.
+"""A second grader written separately from machinery/mathtext.py, used by runs/audit_grader.py to audit it.
 
 Rules for read_final_answer (first match wins):
 1. Explicit markers: \\boxed{..}, '####', 'answer is/was/:/=' ('The final answer is', 'the answer

@@ -8,9 +8,10 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from common import encode_prompt, encode_response, load_tokenizer, read_jsonl
+from common import encode_prompt, encode_response, read_jsonl
+from machinery.models import load_tokenizer
 from conftest import run_script
-from mathtext import extract_answer, is_equiv
+from machinery.mathtext import extract_answer, is_equiv
 
 TRAIN = ["--max-steps", 3, "--batch-size", 4, "--micro-batch-size", 4]
 

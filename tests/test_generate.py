@@ -24,12 +24,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from common import encode_prompt, load_tokenizer, seed_for
-from mathtext import STOP_STRINGS, format_prompt
+from common import encode_prompt, seed_for
+from machinery.mathtext import format_prompt, STOP_STRINGS
+from machinery.models import load_tokenizer
 from real_parts import family_config
-from generation import (_generate_static, _kv_cache, _nucleus, end_ids, Sampler,
-                        sample_rows, slots_supported)
-from sampling import auto_batch_size, batch_size_arg, generate, kv_bytes_per_token
+from machinery.generation import (_generate_static, _kv_cache, _nucleus, end_ids, sample_rows,
+                                  Sampler, slots_supported)
+from machinery.flags import batch_size_arg
+from machinery.sampling import auto_batch_size, kv_bytes_per_token
+from machinery.generation import generate
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from common import encode_prompt, encode_response, load_tokenizer
+from common import encode_prompt, encode_response
+from machinery.models import load_tokenizer
 from conftest import load_stage, ROOT
-from mathtext import format_prompt, split_steps
+from machinery.mathtext import format_prompt, split_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -477,7 +478,7 @@ def test_bad_input_on_the_command_line(valid, tmp_path, s, inp, damage, how):
 
 def test_a_utf8_file_with_a_byte_order_mark_is_read(valid, tmp_path):
     """Spreadsheets save "UTF-8" with a byte order mark: that is UTF-8, and reads as such."""
-    from mathtext import load_problems
+    from machinery.mathtext import load_problems
     path = tmp_path / "problems.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + (valid / "problems.jsonl").read_bytes())
     assert [p["id"] for p in load_problems(str(path))] == \

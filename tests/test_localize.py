@@ -11,10 +11,9 @@ import threading
 
 import pytest
 
-import judge
-import toyworld
+from machinery import judge, toyworld
 from conftest import load_stage, ROOT
-from mathtext import split_steps
+from machinery.mathtext import split_steps
 
 loc = load_stage("02_localize")
 STEP = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")

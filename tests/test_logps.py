@@ -4,8 +4,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from batches import collate_pairs
 from common import token_logps
+from machinery.packing import collate_pairs
 from conftest import tiny_llama
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-import mathtext  # importable through conftest.py, which puts the repo root on sys.path
-from mathtext import (add_template_arg, cut_at_stop, extract_answer, format_prompt, is_equiv,
-                      load_problems, pass_at_k, split_steps, TEMPLATES)
+from machinery import mathtext  # conftest.py puts the repo root on sys.path
+from machinery.mathtext import (add_template_arg, cut_at_stop, extract_answer, format_prompt,
+                                is_equiv, load_problems, pass_at_k, split_steps, TEMPLATES)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

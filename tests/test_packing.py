@@ -1,4 +1,4 @@
-"""The packed batch layout (batches.pack_rows) computes what the padded layout computes.
+"""The packed batch layout (packing.pack_rows) computes what the padded layout computes.
 
 Packed: each pair's context once, then the chosen and the rejected response, both with position
 ids restarting where the context ends and a mask that hides each response from the other; pairs
@@ -17,11 +17,11 @@ from argparse import Namespace
 import pytest
 import torch
 
-from batches import collate_pairs, pack_rows, packing_unsupported
 from common import token_logps
+from machinery.packing import collate_pairs, pack_rows, packing_unsupported
 from conftest import load_stage, tiny_llama
 from real_parts import family_config
-from training import batch_layout
+from machinery.optimization import batch_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cdpo, stepdpo, sft = load_stage("05_train_cdpo"), load_stage("06_train_stepdpo"), \

@@ -2,7 +2,7 @@
 its tokenizer is the GGUF's own BPE, and our batched generate picks the tokens transformers'
 generate picks.
 
-  greedy   sampling.generate(temperature 0) on 16 real GSM8K chat prompts (one Sampler: the rows
+  greedy   generation.generate(temperature 0) on 16 real GSM8K chat prompts (one Sampler: the rows
            side by side in KV slots of their own lengths) returns, row by row, the ids
            model.generate(do_sample=False) returns for one left-padded batch, up to and including
            the first end id (every eos id of the generation config, as HF stops); so do 6 of
@@ -33,7 +33,7 @@ def build_module():
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    from common import load_model, load_tokenizer
+    from machinery.models import load_model, load_tokenizer
     torch.set_num_threads(min(2, torch.get_num_threads()))
     return load_model(smollm2_dir).eval(), load_tokenizer(smollm2_dir)
 
@@ -48,8 +48,8 @@ def test_greedy_generate_equals_transformers(smollm2):
     HF's ids (one left-padded batch), row by row, up to each row's end; also with refilling and
     prompt sharing at work (6 prompts twice over 5 slots) and with both off."""
     from common import encode_prompt
-    from mathtext import format_prompt, load_problems
-    from sampling import generate
+    from machinery.mathtext import format_prompt, load_problems
+    from machinery.generation import generate
     model, tok = smollm2
     problems = load_problems(str(GSM8K_64))[:16]
     prompts = [encode_prompt(tok, format_prompt(p["question"], "chat", tok)) for p in problems]

@@ -343,7 +343,7 @@ def test_llama3_prompt_and_response_ids_are_meta_chat_formats_dialog(toks):
     (mathtext.format_prompt + encode_prompt), then the answer tokenized apart with the end id the
     model wrote (<|eot_id|>), together equal Meta's ids of the dialog in which that answer is the
     assistant's turn (less the next assistant header ChatFormat appends)."""
-    from mathtext import format_prompt
+    from machinery.mathtext import format_prompt
     tok = toks["llama3"]
     question = "Tom has 7 apples and gets 3 more. How many apples does Tom have now?"
     answer = "Step 1: 7 + 3 = 10.\n\nThe answer is 10."

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import encode_prompt, encode_response, encode_steps, load_model, load_tokenizer
+from common import encode_prompt, encode_response, encode_steps
+from machinery.models import load_model, load_tokenizer
 from conftest import ROOT, load_stage
-from mathtext import format_prompt, split_steps
+from machinery.mathtext import format_prompt, split_steps
 from real_parts import build_family_model
-from sampling import end_ids, generate, response_eos
+from machinery.sampling import response_eos
+from machinery.generation import end_ids, generate
 
 GSM8K_64 = ROOT / "data" / "gsm8k_test_64.jsonl"
 FAMILIES = ["toy", "smollm2", "llama3", "qwen2", "deepseek"]
@@ -246,7 +248,7 @@ def test_ce_weights_belong_to_their_ids(model_dirs, family, tmp_path):
 def test_a_finished_stage_run_again_keeps_its_output_untouched(tmp_path):
     """01 run again on a finished run has nothing to do; its merge must not rewrite samples.jsonl,
     or 02's resume stamp (size + mtime of its input) would see "data changed" (found by make real)."""
-    from sampling import ResumableJsonl
+    from machinery.resume import ResumableJsonl
     store = ResumableJsonl(tmp_path / "out.jsonl")
     store.append({"id": "a", "x": 1})
     store.merge(["a"])

@@ -180,7 +180,7 @@ def published(model: str) -> dict:
     hp = table(a4)
     (r_sft, alpha_sft, drop_sft), (r_dpo, alpha_dpo, drop_dpo) = (
         [float(x) for x in cell.split("/")] for cell in row(hp, "LoRA r"))
-    assert alpha_sft == 2 * r_sft and alpha_dpo == 2 * r_dpo  # training.training_policy: alpha 2r
+    assert alpha_sft == 2 * r_sft and alpha_dpo == 2 * r_dpo  # common.lora_config: alpha 2r
     lr_sft, lr_dpo = row(hp, "LR")
     ep_sft, ep_dpo = row(hp, "Epochs")
     bs_sft, bs_dpo = row(hp, "Batch")

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from common import encode_prompt, load_model, load_tokenizer, seed_for
+from common import encode_prompt, seed_for
+from machinery.models import load_model, load_tokenizer
 from conftest import ROOT, load_stage, tiny_llama
-from mathtext import STOP_STRINGS, extract_answer, format_prompt, is_equiv
-from sampling import generate
+from machinery.mathtext import extract_answer, format_prompt, is_equiv, STOP_STRINGS
+from machinery.generation import generate
 
 sample = load_stage("01_sample")
 evaluate = load_stage("07_eval")
@@ -60,7 +61,7 @@ def ref07(toy_world, tmp_path_factory):
     return out / "base"
 
 
-# sampling.generate: batching and seeds
+# generation.generate: batching and seeds
 
 
 def test_batched_greedy_equals_one_at_a_time(toy):

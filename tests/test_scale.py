@@ -96,10 +96,10 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(mini_chain, tmp_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_lora_merge_equals_peft_merge_and_unload(dtype):
-    """training.merge_lora on a plain state dict (what rank 0 gathers) = peft's merge_and_unload,
+    """checkpoints.merge_lora on a plain state dict (what rank 0 gathers) = peft's merge_and_unload,
     for a float32 base and for the bf16 frozen base of a --bf16 LoRA run (merged in float32)."""
     from peft import LoraConfig, get_peft_model
-    from training import merge_lora
+    from machinery.checkpoints import merge_lora
     model = tiny_llama(vocab=64, hidden=32, tie=True).to(dtype)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[
         "q_proj", "v_proj", "gate_proj", "down_proj"]))
@@ -125,7 +125,7 @@ def test_bf16_lora_keeps_its_frozen_base_in_bf16(mini_chain):
     """--lora-r with --bf16: the frozen base is bf16 (half of float32), the adapters trained in
     float32."""
     from peft import LoraConfig
-    from training import load_for_training
+    from common import load_for_training
     model = load_for_training(mini_chain / "00_toy" / "model", torch.device("cpu"), bf16=True,
                               lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     dtypes = {n: p.dtype for n, p in model.named_parameters()}

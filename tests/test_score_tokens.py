@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import encode_prompt, encode_response, load_tokenizer
+from common import encode_prompt, encode_response
+from machinery.heatmap import token_pieces
+from machinery.models import load_tokenizer
 from conftest import ROOT, load_stage, tiny_llama
 from test_localize import slip_for, toy_solution
 
@@ -180,7 +182,7 @@ def test_token_pieces_rebuild_the_text(toy_world):
     tok = load_tokenizer(toy_world / "00_toy" / "model")
     text = " Step 1: 12 + 7 = 19\nStep 2: 19 - 4 = 15\nThe answer is 15."
     ids = encode_response(tok, text, eos=True)
-    pieces = ce.token_pieces(tok, ids, encode_prompt(tok, "Question: x\nAnswer:")[-1])
+    pieces = token_pieces(tok, ids, encode_prompt(tok, "Question: x\nAnswer:")[-1])
     assert len(pieces) == len(ids) and "".join(pieces) == text + tok.eos_token
     assert pieces[0].startswith(" ")  # the leading space of the first token survives
 

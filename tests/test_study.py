@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from common import encode_prompt, encode_response, load_tokenizer, read_jsonl
+from common import encode_prompt, encode_response, read_jsonl
+from machinery.models import load_tokenizer
 from conftest import load_stage
-from mathtext import format_prompt
+from machinery.mathtext import format_prompt
 
 study = load_stage("08_critical_tokens")
 report = load_stage("09_report")

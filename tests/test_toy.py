@@ -1,4 +1,4 @@
-"""00_toy.py and toyworld.py: problems, prompt text, tokenizer contract, saved model, and same seed
+"""00_toy.py and the toy world: problems, prompt text, tokenizer contract, saved model, and same seed
 -> same files and weights."""
 import hashlib
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import toyworld
+from machinery import toyworld
 from conftest import load_stage
-from mathtext import format_prompt, split_steps
+from machinery.mathtext import format_prompt, split_steps
 
 toy = load_stage("00_toy")
 STEP = re.compile(r"Step (\d+): (\d+) ([-+*]) (\d+) = (\d+)")

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import training
-from batches import collate_pairs
 from common import encode_prompt, encode_response, token_logps
+from machinery import checkpoints
+from machinery.optimization import adamw
+from machinery.packing import collate_pairs
 from conftest import load_stage, tiny_llama
-from preference import reference_logps
+from machinery.pairs import reference_logps
 
 sft = load_stage("03_contrastive_sft")
 cdpo = load_stage("05_train_cdpo")
@@ -444,7 +445,7 @@ def test_gradient_accumulation_equals_one_big_batch(run, tmp_path, stage, monkey
     micro-batch instead of the global batch (4x here) changes both. Adam's first step is
     ~lr * sign(g), blind to any scale, and clipping at 1 would rescale every norm above 1 to 1."""
     mod = {"05": cdpo, "06": stepdpo, "03": sft}[stage]
-    monkeypatch.setattr(training, "adamw", lambda model, lr, wd: torch.optim.SGD(
+    monkeypatch.setattr(mod, "adamw", lambda model, lr, wd: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=lr))
     final, norm = {}, {}
     for mbs in (8, 2):
@@ -469,7 +470,7 @@ def test_packed_layout_trains_as_the_padded_one(run, tmp_path, stage, monkeypatc
     """--layout packed (the default) and --layout padded: the same step-0 loss (ln 2 for the
     DPO family) and the same update (SGD with lr 1: the weight change is the clipped gradient)."""
     mod = {"05": cdpo, "06": stepdpo, "03": sft}[stage]
-    monkeypatch.setattr(training, "adamw", lambda model, lr, wd: torch.optim.SGD(
+    monkeypatch.setattr(mod, "adamw", lambda model, lr, wd: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=lr))
     final, loss0 = {}, {}
     for layout in ("padded", "packed"):
@@ -527,7 +528,7 @@ def test_checkpoint_restores_every_generator(tmp_path):
     generator, Python's random and, on a GPU, the device's generator), and load_checkpoint
     restores them over the reseeding a restart does (load_for_training seeds LoRA's init)."""
     model = tiny_llama()
-    opt = training.adamw(model, 1e-3, 0.0)
+    opt = adamw(model, 1e-3, 0.0)
     cuda = torch.cuda.is_available()
 
     def draws():
@@ -535,10 +536,10 @@ def test_checkpoint_restores_every_generator(tmp_path):
                 torch.rand(4, device="cuda").tolist() if cuda else None)
 
     torch.manual_seed(1), random.seed(1)
-    training.save_checkpoint(tmp_path, model, opt, step=3)
+    checkpoints.save_checkpoint(tmp_path, model, opt, step=3)
     expected = draws()
     torch.manual_seed(0), random.seed(0)  # a restart (torch.manual_seed seeds the GPUs too)
-    assert training.load_checkpoint(tmp_path, model, opt) == 3
+    assert checkpoints.load_checkpoint(tmp_path, model, opt) == 3
     assert draws() == expected
 
 
@@ -557,7 +558,7 @@ def test_lora_dropout_stop_and_resume_equals_straight(run, tmp_path, monkeypatch
     shutil.copytree(cut, unrestored)
     sft.main(args_for(sft, run, "--out", cut, *sft_args, "--resume"))
     with monkeypatch.context() as m:
-        m.setattr(training, "set_rng_state", lambda state: None)
+        m.setattr(checkpoints, "set_rng_state", lambda state: None)
         sft.main(args_for(sft, run, "--out", unrestored, *sft_args, "--resume"))
 
     loss = lambda out: [r["loss"] for r in metrics(out / "metrics_pos.jsonl")]  # noqa: E731

@@ -1,4 +1,4 @@
-"""The two batch layouts of the training stages, and the mask that makes the packed one exact.
+"""Batch layouts of the training stages: padded rows, and packed rows with their exact mask.
 
   padded   one right-padded row per sequence: a preference pair is two rows, prompt + chosen and
            prompt + rejected (collate_pairs; --layout padded). The loss always reads this layout:
@@ -7,11 +7,12 @@
            other, position ids restarting both where the context ends); pairs packed into rows
            with padding only at the rows' starts; logits only where a response token is scored
            (pack_rows, packed_attention_mask; --layout packed, the default). common.token_logps
-           hands its log-probs back in the padded layout's rows and columns, so the losses never
-           see the difference. SFT examples pack the same way (a prompt with one response).
+           runs them through packed_forward and unpack_logps here, and hands the log-probs back
+           in the padded layout's rows and columns, so the losses never see the difference. SFT
+           examples pack the same way (a prompt with one response: collate_sft).
 
 A packed row needs an attention that takes an arbitrary mask; packing_unsupported says when a
-model's does not (training.batch_layout then falls back to padded, in one line).
+model's does not (machinery.optimization.batch_layout then falls back to padded, in one line).
 """
 import inspect
 import math
@@ -32,7 +33,7 @@ def collate_pairs(pairs: list[dict], pad_id: int, packed: bool = False,
 
     Each pair holds token ids `prompt_ids`, `chosen_ids`, `rejected_ids` and optionally per-token
     `chosen_weights` / `rejected_weights` and reference log-probs `ref_chosen_logps` /
-    `ref_rejected_logps` (see preference.reference_logps), each aligned one to one with the
+    `ref_rejected_logps` (see machinery.pairs.reference_logps), each aligned one to one with the
     response ids.
     The loss sees the padded layout: rows 0..B-1 chosen, rows B..2B-1 rejected, each prompt +
     response right-padded to T tokens. Response token j sits at position P+j (P =
@@ -70,6 +71,24 @@ def collate_pairs(pairs: list[dict], pad_id: int, packed: bool = False,
     if len(refs) == len(rows):
         out["ref_logps"] = pad_t(refs)
     return out
+
+
+def collate_sft(examples: list[dict], pad_id: int, packed: bool = False,
+                row_tokens: int = 0) -> dict:
+    """SFT examples {prompt_ids, response_ids} -> one batch: loss_mask (B, T-1), 1 on the columns
+    of token_logps that score a response token (response token j of prompt length P: column
+    P+j-1) in the right-padded layout, and the model's input: that layout, input_ids and
+    attention_mask (B, T), or with packed=True the examples packed into rows of up to
+    row_tokens tokens (pack_rows; token_logps unpacks the log-probs)."""
+    rows = [e["prompt_ids"] + e["response_ids"] for e in examples]
+    masks = [[0.0] * (len(e["prompt_ids"]) - 1) + [1.0] * len(e["response_ids"]) for e in examples]
+    if packed:
+        b = pack_rows([(e["prompt_ids"], [e["response_ids"]]) for e in examples], pad_id,
+                      row_tokens, max(map(len, rows)))
+    else:
+        b = {"input_ids": pad_right(rows, pad_id),
+             "attention_mask": pad_right([[1] * len(r) for r in rows], 0)}
+    return {**b, "loss_mask": pad_right(masks, 0.0)}
 
 
 # The packed layout
@@ -157,6 +176,28 @@ def packed_attention_mask(model, doc: torch.Tensor, branch: torch.Tensor, pos: t
     if model.config._attn_implementation == "eager":
         return torch.zeros(allowed.shape, device=doc.device).masked_fill_(~allowed, -math.inf)
     return allowed
+
+
+def packed_forward(model, batch: dict):
+    """The forward of a packed batch for common.token_logps: logits only for the last K positions
+    of each row (every scored position is there), under packed_attention_mask. Returns logits
+    (R, K, V), the targets (R, K-1) (tail token c+1 for column c) and the `rescored` slots
+    (rows, cols, sources): a second response's first token, scored from its context's last
+    token rather than from the token before it in the row."""
+    ids = batch["input_ids"]  # (R, L)
+    K = batch["source"].shape[1] + 1
+    attention = packed_attention_mask(model, batch["seq_doc"], batch["seq_branch"],
+                                      batch["position_ids"])
+    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=K,
+                   position_ids=batch["position_ids"], use_cache=False).logits  # (R, K, V)
+    rescored = (batch["source"] != torch.arange(K - 1, device=ids.device)).nonzero(as_tuple=True)
+    return logits, ids[:, ids.shape[1] - K + 1:], (*rescored, batch["source"][rescored])
+
+
+def unpack_logps(logps: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(R, K-1) packed log-probs -> the padded layout's (rows, T-1), 0 outside the responses."""
+    idx = batch["unpack"]
+    return torch.where(idx >= 0, logps.flatten()[idx.clamp(min=0)], 0.0)
 
 
 def packing_unsupported(model, longest: int) -> str | None:

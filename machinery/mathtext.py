@@ -72,7 +72,7 @@ def load_problems(name_or_path: str, split: str = "test") -> list[dict]:
     """Problems as [{id, question, answer, ...}] from `gsm8k`, `math500` or a local JSONL file."""
     path = Path(name_or_path)
     if path.is_file() or path.suffix == ".jsonl":
-        # folder/stem as name/split: ../shared/data/gsm8k/test.jsonl gets the hub's ids
+        # folder/stem as name/split: a copy saved as gsm8k/test.jsonl gets the hub's ids
         name, split = path.parent.name or "local", path.stem
         rows = read_jsonl(path, locations=True)
     elif name_or_path in HUB:
@@ -83,7 +83,8 @@ def load_problems(name_or_path: str, split: str = "test") -> list[dict]:
             ds = datasets.load_dataset(repo, config, split=split)
         except Exception as e:
             fail(f"cannot load {repo} ({split}) from the hub ({type(e).__name__}: no network?); "
-                 f"pass a local JSONL path instead, e.g. ../shared/data/{name_or_path}/test.jsonl")
+                 "pass a local JSONL path instead (a GSM8K- or MATH-format file: README, Data "
+                 "contract)")
         name = name_or_path
         rows = [(f"{repo} {split} row {i}", rec) for i, rec in enumerate(ds)]
     else:

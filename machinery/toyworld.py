@@ -16,7 +16,7 @@ import random
 import re
 from collections import Counter
 
-from mathtext import format_prompt
+from machinery.mathtext import format_prompt
 
 NAMES = [("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Ben", "He"), ("Zoe", "She"),
          ("Sam", "He"), ("Lily", "She"), ("Max", "He")]
