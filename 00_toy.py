@@ -132,6 +132,7 @@ def evaluate(model, tok, recs: list[dict]) -> tuple[float, list[str], list[bool]
 
 
 def main(args):
+    # Init
     t0 = time.time()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the log
     out, model_tmp = Path(args.run_dir) / "00_toy", Path(args.run_dir) / "00_toy" / "model.tmp"
@@ -139,7 +140,7 @@ def main(args):
     model_tmp.mkdir(parents=True)
     print(f"config: {json.dumps(vars(args))}")
 
-    # Problems and tokenizer
+    # Load: the problems, and a tokenizer built on their training split
     splits = {s: make_split(s, n, args.seed)
               for s, n in [("train", args.n_train), ("dev", args.n_dev), ("test", args.n_test)]}
     lexicon = " ".join([n for n, _ in NAMES] + OBJECTS)  # every letter, however small n-train
@@ -157,7 +158,7 @@ def main(args):
     print(f"vocab {len(tok)} | ids(p)+ids(r)==ids(p+r): {joint} | "
           f"tokens/example {sum(lengths) / len(data):.1f} mean, {max(lengths)} max")
 
-    # Model and optimizer
+    # Load: a fresh model and its optimizer
     torch.manual_seed(args.seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden,
                       intermediate_size=int(2.75 * args.hidden), num_hidden_layers=args.layers,
@@ -172,7 +173,7 @@ def main(args):
     # (1e-7 apart after 100 steps): the same seed keeps giving the same weights.
     opt = adamw(model, args.lr, 0.1, betas=(0.9, 0.98), fused=False)
 
-    # Training loop: stop at the first dev check >= target-acc, or at max-steps
+    # Loop: stop at the first dev check >= target-acc, or at max-steps
     rng, batches, step, dev_acc = random.Random(args.seed), [], 0, None
     t_train = t_log = time.time()
     tokens = 0
@@ -208,7 +209,7 @@ def main(args):
     if dev_acc is None or step % args.eval_every:  # stopped at the cap between two checks
         dev_acc = evaluate(model, tok, splits["dev"])[0]
 
-    # Greedy test accuracy, and where the wrong answers first go wrong
+    # then greedy test accuracy, and where the wrong answers first go wrong
     test_acc, outs, ok = evaluate(model, tok, splits["test"])
     wrong = Counter(first_wrong_step(split_steps(o), r["step_values"])
                     for o, r, good in zip(outs, splits["test"], ok) if not good)

@@ -377,11 +377,12 @@ def sweep(run_dir: Path) -> list[str]:
 
 
 def main(args):
+    # Init
     run_dir = Path(args.run_dir)
     dirs = [d for d in run_dirs(run_dir, args.seeds) if d.exists()]
     if not (run_dir / "07_eval").exists():
         fail(f"{run_dir}/07_eval: no evaluations yet; run 07_eval.py first")
-    # what the base row was evaluated on names the run: the toy world, or a real model's run
+    # Load: what the base row was evaluated on names the run (the toy world, or a real model's)
     base = run_dir / "07_eval" / "base" / "results.json"
     cfg = read_json(base, RESULTS)["config"] if base.exists() else {}
     toy = "00_toy" in str(cfg.get("model", "00_toy"))
@@ -390,7 +391,9 @@ def main(args):
              f"Greedy accuracy on {data}; {len(dirs)} seed(s): "
              f"{', '.join(str(d) for d in dirs)}.",
              "Training cost = optimizer steps and seconds of the training stage (mean over seeds).",
-             ""] + table(dirs) + other_sets(run_dir) + paired(dirs, "base") + paired(dirs, "dpo")
+             ""]
+    # Loop: each section of the report from the files the stages wrote
+    lines += table(dirs) + other_sets(run_dir) + paired(dirs, "base") + paired(dirs, "dpo")
     if plot_curves(run_dir, run_dir / "training_curves.png"):
         lines += ["", "![training curves](training_curves.png)"]
     lines += pipeline(run_dir)
@@ -400,6 +403,7 @@ def main(args):
               "(04_score_tokens/critical_tokens.html)"]
     if (run_dir / "critical_tokens.png").exists():  # make study's screenshot of it
         lines += ["", "![critical-token heatmap](critical_tokens.png)"]
+    # Write
     out = Path(args.out or run_dir / "results.md")
     write_text(out, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,10 +1,10 @@
 """common.py: what the numbered stages share and a method reader should see.
 
+  bad input    fail(msg): one clear line on stderr and exit code 2, never a traceback
   processes    dist_init / dist_teardown / print0 / all_reduce_sum / all_reduce_max: the same
                code under python or torchrun (gloo on CPU; NCCL beside gloo on GPUs); seed_for
-  files        fail(msg): one clear line and exit code 2 for bad input; read_jsonl (one line
-               naming file:line and the field for any damage; field checks in
-               machinery/checks.py), read_json, read_text; atomic writes
+  files        read_jsonl (one line naming file:line and the field for any damage; the field
+               checks are machinery/checks.py), read_json, read_text; atomic writes
   tokens       encode_prompt / encode_response / encode_steps: prompt and response tokenized
                apart, BOS as the tokenizer adds it, EOS = the end id the model wrote
   log-probs    token_logps: the batched log-prob routine every trained log-prob comes from,
