@@ -96,7 +96,7 @@ def cdpo_loss(policy_logps, ref_logps, weights, beta: float):
         L_b    = -log sigmoid(r^chosen_b - r^rejected_b)
 
     policy_logps, ref_logps: (2B, T-1) float32 per-token log-probs in the padded layout, rows
-        0..B-1 chosen, B..2B-1 rejected (batches.collate_pairs, token_logps columns; a packed
+        0..B-1 chosen, B..2B-1 rejected (packing.collate_pairs, token_logps columns; a packed
         batch's log-probs come back in these rows and columns).
     weights: (2B, T-1) token weights, zero outside the responses (so they are also the mask):
         cDPO: 1 on chosen tokens, 1 - p_CE on rejected ones; DPO: 1 on every response token.

@@ -57,7 +57,7 @@ def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
 
 def batch_layout(args, model) -> dict:
     """collate keywords for --layout: packed where the model's attention can take the packed
-    rows' mask (batches.packing_unsupported), else padded, said in one line."""
+    rows' mask (packing.packing_unsupported), else padded, said in one line."""
     if args.layout == "packed":
         why = packing_unsupported(model, args.max_length)
         if why is None:

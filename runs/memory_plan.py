@@ -8,7 +8,7 @@ prediction bench/gpu_check.py measures against.
 
 Bytes per parameter P (N ranks, FSDP2, --bf16):
   trained parameters   float32 master 4 + float32 gradient 4 + AdamW moments 8 = 16 P / N
-                       (gradients are reduce-scattered every micro-batch: training.sync_gradients)
+                       (gradients are reduce-scattered every micro-batch: optimization.sync_gradients)
   LoRA frozen base     bf16 2 P / N (load_for_training); adapters as trained parameters
   gathered layers      bf16 copies of the layer being computed and the one prefetched, plus the
                        root's embeddings and LM head, which FSDP2 keeps gathered for the step
