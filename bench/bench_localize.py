@@ -11,6 +11,7 @@ scratch dir first. Prints a markdown table for BENCHMARKS.md.
 """
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--run-dir", default=str(ROOT / "runs" / "toy"), help="toy run directory")
 parser.add_argument("--limit", type=int, default=60, help="problems (each gives up to "
@@ -66,7 +68,9 @@ def main(args):
                                                               .open()) if r["step_idx"]}
     both = located["binary"].keys() & located["linear"].keys()
     same = sum(located["binary"][i] == located["linear"][i] for i in both)
-    print(f"\nmodel {model} | {rows['binary']['samples']} wrong samples from {args.limit} "
+    from machine import describe
+    print(f"\nmachine: {describe()}\ncommand: python {shlex.join(sys.argv)}")
+    print(f"model {model} | {rows['binary']['samples']} wrong samples from {args.limit} "
           f"problems | {args.rollouts} rollouts per prefix | batch {args.batch_size}\n")
     print("| scan | continuations / sample (mean) | max | wall s | located | pairs "
           "| oracle agreement |")

@@ -151,13 +151,20 @@ for seed in $(seq 0 $((SEEDS - 1))); do
          "$dir/03_contrastive_sft/pos"
     stamp "seed $seed: 05 06"
   fi
-  # 07: every trained model on the test split, once
-  $SPLIT 07_eval.py --run-dir "$dir" --data $P/test.jsonl $EVAL \
-    --model "$dir/03_contrastive_sft/pos" --label sft \
-    --model "$dir/05_train_dpo/model" --label dpo \
-    --model "$dir/05_train_cdpo/model" --label cdpo \
-    --model "$dir/06_train_stepdpo/model" --label stepdpo \
-    --model "$dir/06_train_stepdpo_sft/model" --label stepdpo-sft
+  # 07: every trained model on the test split, once; seed 0's also on the real subsets
+  trained=(--model "$dir/03_contrastive_sft/pos" --label sft
+           --model "$dir/05_train_dpo/model" --label dpo
+           --model "$dir/05_train_cdpo/model" --label cdpo
+           --model "$dir/06_train_stepdpo/model" --label stepdpo
+           --model "$dir/06_train_stepdpo_sft/model" --label stepdpo-sft)
+  $SPLIT 07_eval.py --run-dir "$dir" --data $P/test.jsonl $EVAL "${trained[@]}"
+  if [ "$seed" = 0 ]; then  # transfer: expected near zero at 135M, as the base model's
+    for set in gsm8k math500; do
+      data=$GSM8K && [ $set = math500 ] && data=$MATH500
+      $SPLIT 07_eval.py --run-dir "$dir" --data $data --limit "$REAL_N" --out "$RUN/07_eval_$set" \
+        --template chat --max-new-tokens 256 --batch-size 64 "${trained[@]}"
+    done
+  fi
   stamp "seed $seed: 07"
 done
 
