@@ -65,15 +65,20 @@ $SPLIT 02_localize.py --run-dir "$RUN" --model "$MODEL" --limit 0 --per-problem 
 $PY runs/check_steps.py --run-dir "$RUN"
 stamp 02
 
+eval_real() {  # eval_real DIR <--model M --label L ...>: models on the GSM8K and MATH500 subsets
+  local dir=$1 set data; shift
+  for set in gsm8k math500; do
+    data=$GSM8K && [ $set = math500 ] && data=$MATH500
+    $SPLIT 07_eval.py --run-dir "$dir" --data $data --limit "$REAL_N" --out "$RUN/07_eval_$set" \
+      --template chat --max-new-tokens 256 --batch-size 64 "$@"
+  done
+}
+
 # 07: the base model on test, on dev (the split settings are chosen on) and on the real subsets.
 $SPLIT 07_eval.py --run-dir "$RUN" --model "$MODEL" --label base --data $P/test.jsonl $EVAL
 $SPLIT 07_eval.py --run-dir "$RUN" --model "$MODEL" --label base --data $P/dev.jsonl \
   --out "$RUN/07_eval_dev" $EVAL
-for set in gsm8k math500; do
-  data=$GSM8K && [ $set = math500 ] && data=$MATH500
-  $SPLIT 07_eval.py --run-dir "$RUN" --model "$MODEL" --label base --data $data \
-    --limit "$REAL_N" --out "$RUN/07_eval_$set" --template chat --max-new-tokens 256 --batch-size 64
-done
+eval_real "$RUN" --model "$MODEL" --label base
 stamp "07 base"
 
 train() {  # train METHOD LR BETA OUT DIR SEED [START]: 05 or 06 into OUT, unless it finished
@@ -159,11 +164,7 @@ for seed in $(seq 0 $((SEEDS - 1))); do
            --model "$dir/06_train_stepdpo_sft/model" --label stepdpo-sft)
   $SPLIT 07_eval.py --run-dir "$dir" --data $P/test.jsonl $EVAL "${trained[@]}"
   if [ "$seed" = 0 ]; then  # transfer: expected near zero at 135M, as the base model's
-    for set in gsm8k math500; do
-      data=$GSM8K && [ $set = math500 ] && data=$MATH500
-      $SPLIT 07_eval.py --run-dir "$dir" --data $data --limit "$REAL_N" --out "$RUN/07_eval_$set" \
-        --template chat --max-new-tokens 256 --batch-size 64 "${trained[@]}"
-    done
+    eval_real "$dir" "${trained[@]}"
   fi
   stamp "seed $seed: 07"
 done
