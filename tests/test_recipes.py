@@ -66,8 +66,9 @@ def test_toy_scripts_flags_parse(tmp_path):
 
 def test_study_script_flags_parse(tmp_path):
     """make study with two seeds: every stage line parses, each method is trained where 09 reads
-    it, the seed-1 trainings take the dev sweep's learning rate, and the test split is evaluated
-    by the final models only (the sweep's models see dev)."""
+    it, the seed-1 trainings take the dev sweep's learning rate, the test split is evaluated by the
+    final models only (the sweep's models see dev), and the real subsets by the base model and
+    seed 0's final models."""
     run = tmp_path / "study"
     calls = recorded_commands(tmp_path, "study.sh", env={"RUN": str(run), "SEEDS": "2"},
                               answers="sweep-x-lr7e-5-b0.5")
@@ -91,6 +92,8 @@ def test_study_script_flags_parse(tmp_path):
     assert test == [["base"], final, final]  # the base model, then each seed's final models
     dev = [labels for data, labels in evals if data.endswith("dev.jsonl")]
     assert dev[0] == ["base"] and all(lab.startswith("sweep-") for lab in dev[1])
+    real = [labels for data, labels in evals if "gsm8k" in data or "math500" in data]
+    assert real == [["base"], ["base"], final, final]  # seed 0's models only, on both subsets
 
 
 STAGES = ["00_toy", "01_sample", "02_localize", "03_contrastive_sft", "04_score_tokens",
