@@ -20,7 +20,7 @@ Variants (--variants):
   before  sampling.generate as git revision --before has it (default: the last commit before
           generation.py), run as the stages ran it: the rows in static batches of --batch-size
   now     generation.generate(batch_size=--batch-size): continuous batching, each prompt computed
-          once, the top-k nucleus
+          once and its keys and values held once for its rows, the top-k nucleus
   bf16    now, on a bfloat16 copy of the model (--bf16 of the sampling stages)
   HF      model.generate(num_return_sequences=n, top_k=None), --batch-size // n prompts a call
   vLLM    bench/vllm_generate.py under --vllm-python (a venv of its own: its docstring has the
@@ -38,10 +38,13 @@ same per-row seeds), bf16's greedy agreement with float32 (rows identical / all)
 Targets (issue 20): now >= 2x before at chat-n8 and >= 4x at fewshot-n64; now >= 1.2x vLLM there.
 """
 import argparse
+import atexit
 import ctypes
+import importlib
 import json
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,14 +79,26 @@ parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python",
 
 
 def generate_at(rev: str):
-    """generate as it is in git revision `rev`'s sampling.py."""
-    r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:sampling.py"],
-                       capture_output=True, text=True)
-    if r.returncode != 0 or "def generate(" not in r.stdout:
+    """generate as it is in git revision `rev`'s sampling.py, imported from that revision's own
+    tree (its sampling.py imports its own common.py and mathtext.py, since moved or changed)."""
+    tree = tempfile.mkdtemp(prefix=f"generate-{rev}-")
+    atexit.register(shutil.rmtree, tree, True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"no revision {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+    if "def generate(" not in (Path(tree) / "sampling.py").read_text():
         raise SystemExit(f"no generate in {rev}:sampling.py")
-    mod = types.ModuleType(f"sampling_{rev}")
-    exec(compile(r.stdout, f"sampling.py@{rev}", "exec"), mod.__dict__)
-    return mod.generate
+    names = ("common", "mathtext", "batches", "sampling")  # that tree's top-level modules
+    ours = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, tree)
+    try:
+        return importlib.import_module("sampling").generate
+    finally:  # that revision's modules stay bound inside its generate, not in sys.modules
+        sys.path.remove(tree)
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(ours)
 
 
 def measure(device, fn):

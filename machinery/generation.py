@@ -6,12 +6,14 @@ while others run (02's rollouts), through a `Sampler`:
   generate      outputs of a list of prompts, in their order (a Sampler run over them)
   Sampler       continuous batching: batch_size KV slots, each step one forward over every live
                 row; a finished row's slot takes the next waiting row at once. Each distinct
-                prompt is computed once (its keys and values copied into the slots of its rows),
-                and a prompt that shares a beginning with one computed before computes only
-                the rest (the few-shot exemplars of every problem, 02's contexts of one answer)
+                prompt is computed once and its keys and values held once for all its live rows
+                (_shared_prefix_attention reads them once per step for all of them), and a
+                prompt that shares a beginning with one computed before computes only the rest
+                (the few-shot exemplars of every problem, 02's contexts of one answer)
   sample_rows   the next token of each row from its logits and its own uniform draw: greedy,
                 or nucleus (top-p) by inverting the row's CDF; the nucleus is found among the
-                top 64 (then 1,024) probabilities, with the ids of a full sort
+                top 64 (then 1,024) probabilities and inverted there, with the ids of a full
+                sort and a CDF over the whole vocabulary
   end_ids       every id that ends a turn
   _generate_static  the previous generate (one left-padded batch that shrinks as rows finish),
                 for the models the slots cannot serve: layers that are not full attention
@@ -21,10 +23,13 @@ A row's text depends on its prompt, its seed and the model only: row i draws its
 with uniform t of a CPU generator seeded by seeds[i], whatever the batch, the order of the work,
 the number of processes or whether its prompt was shared.
 """
+import contextlib
 import functools
+import math
 from collections import OrderedDict, deque
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from common import position_ids
@@ -38,27 +43,33 @@ def sample_rows(logits, temperature: float, top_p: float, u):
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
+    ids = None
     if top_p < 1.0:
-        probs = _nucleus(probs, top_p)
+        probs, ids = _nucleus(probs, top_p)  # (B, k): the nucleus, in vocabulary order
     # Invert in vocabulary order: sorted order could be reshuffled by near-ties between batches
-    cdf = probs.cumsum(-1)  # (B, V)
+    cdf = probs.cumsum(-1)  # (B, k)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # (B, 1): first cdf > u
-    return pick.clamp_(max=cdf.shape[-1] - 1)[:, 0]
+    pick = pick.clamp_(max=cdf.shape[-1] - 1)
+    return (pick if ids is None else ids.gather(-1, pick))[:, 0]
 
 
 def _nucleus(probs, top_p: float):
-    """probs (B, V) with every token outside its row's nucleus set to 0. Token i (in descending
-    order) is kept iff the mass before it is < top_p. Sorting the whole vocabulary each step is
-    the costly part; the nucleus usually lies within the top few dozen tokens, so look there
-    first: when the mass before a row's k-th largest already reaches top_p, the top k decide the
-    row (topk's values are the sort's first k, and the cumulative sum of the first k is the
-    same numbers: on CPU it accumulates one element at a time in double)."""
+    """The nucleus of each row of probs (B, V): (kept (B, k), ids (B, k)), ids ascending, kept the
+    probability of ids where it is in the nucleus and 0 where not. Token i (in descending order)
+    is in iff the mass before it is < top_p. Sorting the whole vocabulary each step is the
+    costly part; the nucleus usually lies within the top few dozen tokens, so look there first:
+    when the mass before a row's k-th largest already reaches top_p, the top k decide the row
+    (topk's values are the sort's first k, and the cumulative sum of the first k is the same
+    numbers: on CPU it accumulates one element at a time in double). The CDF over the k ids in
+    vocabulary order is the CDF over the whole vocabulary with the tokens outside set to 0 (at
+    the tokens in: adding 0 changes no sum), so sample_rows draws the ids it drew from that."""
     V = probs.shape[-1]
     for k in (min(64, V), min(1024, V), V):
         top, idx = probs.topk(k, -1) if k < V else probs.sort(-1, descending=True)  # (B, k)
         before = top.cumsum(-1) - top  # (B, k) mass of the more likely tokens
         if k == V or bool((before[:, -1] >= top_p).all()):
-            return torch.zeros_like(probs).scatter_(-1, idx, top * (before < top_p))
+            ids, order = idx.sort(-1)
+            return (top * (before < top_p)).gather(-1, order), ids
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,9 +131,10 @@ def _uniforms(seed: int, n: int) -> list[float]:
 
 
 def slots_supported(model) -> bool:
-    """The Sampler's slots hold every layer's keys and values at full length and attend through
-    a (b, 1, 1, kv) mask: they serve models whose layers are all full attention, run with sdpa
-    or eager attention (flash-attention kernels take no mask)."""
+    """The Sampler holds every layer's keys and values at full length, and its decode steps
+    attend through _shared_prefix_attention: it serves models whose layers are all full
+    attention, loaded with sdpa or eager attention (its prompts run through the model's own
+    attention, and the flash-attention kernels were never checked against it)."""
     layers = DynamicCache(config=model.config).layers
     return (model.config._attn_implementation in ("sdpa", "eager")
             and all(type(layer) is DynamicLayer for layer in layers))
@@ -192,30 +204,97 @@ def _kv_cache(model, capacity: int):
                          for layer in layers])
 
 
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
+                             **kwargs):
+    """The Sampler's decode attention (the attention implementation "shared_prefix"): each row
+    attends to its prompt, whose keys and values are held once for all the rows that share it,
+    and to its own positions, in one softmax over both.
+
+    query (b, H, 1, d): the b live rows' new positions, H = h x g query heads (head j reads kv
+    head j // g, as repeat_kv); key, value (b, h, kv, d): each row's own positions
+    (_SlotLayer.update). kwargs["shared_prefix"] is the Sampler's step: G groups of rows, group
+    k's prompt in this layer's prefix_keys / prefix_values [k] (G, h, P, d); `pack` (G x r,): the
+    row at each of a group's r places (a group with fewer rows repeats row 0 there, and nothing
+    reads what it gives), `unpack` (b,): each row's place. attention_mask (b, 1, 1, P + kv): the
+    prompt positions and own positions each row sees. A group's rows multiply their queries with
+    the prompt's keys in one matrix product, (r x g, d) @ (d, P): the prompt is read once per
+    group, not once per row (64 rows of one 730-token prompt: 64 times fewer bytes).
+
+        s = [q K_prompt^T, q K_own^T] x scaling      (b, h, g, P + kv), masked to -inf
+        p = softmax(s)                               float32, over the prompt and the own part
+        o = p[..., :P] V_prompt + p[..., P:] V_own   (b, h, g, d)
+    """
+    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap") or \
+            kwargs.get("s_aux") is not None:
+        raise NotImplementedError("shared_prefix attention: full attention only (slots_supported)")
+    step = kwargs["shared_prefix"]
+    layer = step["layers"][module.layer_idx]
+    b, H, _, d = query.shape
+    h, kv = key.shape[1], key.shape[2]
+    g, G, r, P = H // h, step["groups"], step["places"], step["prompt_len"]
+    pack, unpack = step["pack"], step["unpack"]
+
+    def grouped(x):  # (b, h, g, n) -> (G, h, r x g, n): each group's rows side by side
+        return x[pack].view(G, r, h, g, -1).transpose(1, 2).reshape(G, h, r * g, x.shape[-1])
+
+    def per_row(y):  # (G, h, r x g, n) -> (b, h, g, n)
+        return y.view(G, h, r, g, -1).transpose(1, 2).reshape(G * r, h, g, y.shape[-1])[unpack]
+
+    q = query.reshape(b, h, g, d)
+    s_prompt = per_row(grouped(q) @ layer.prefix_keys[:G, :, :P].transpose(-1, -2))  # (b,h,g,P)
+    s_own = q @ key.transpose(-1, -2)  # (b, h, g, kv)
+    s = torch.cat([s_prompt, s_own], -1).float().mul_(scaling)
+    p = s.masked_fill_(~attention_mask, -math.inf).softmax(-1).to(query.dtype)
+    p_prompt, p_own = p.split([P, kv], -1)
+    out = per_row(grouped(p_prompt) @ layer.prefix_values[:G, :, :P]) + p_own @ value
+    return out.reshape(b, 1, H, d), None  # (b, q_len, H, d), as sdpa_attention_forward
+
+
+AttentionInterface.register("shared_prefix", _shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def _attention(model, implementation: str):
+    """Run the model's attention layers with `implementation` inside the block (they look it
+    up in their config at every forward)."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _grown(old, rows: int, length: int, like):
+    """Zeros (rows, h, length, d) typed as `like` (h, k, d), with `old`'s content kept. Zeros,
+    not empty: attention weighs unfilled columns by exactly 0, but 0 x NaN (what fresh memory
+    can hold) is NaN."""
+    new = like.new_zeros((rows, like.shape[0], length, like.shape[-1]))
+    if old is not None:
+        new[:old.shape[0], :, :old.shape[2]] = old
+    return new
+
+
 class _SlotLayer(CacheLayerMixin):
-    """One layer's keys and values of all slots: (slots, kv_heads, capacity, head_dim) each, slot
-    s holding its row's positions [0, lens[s]) from column 0 on (rows of different lengths side
-    by side; the mask hides each row's unfilled columns). A decode step writes row s's new key at
-    column lens[s] and attends to [:b, :, :kv]: the b live slots, kv = longest row + 1."""
+    """One layer's keys and values in the Sampler, each position held once:
+
+      prefix_keys / prefix_values  (groups, kv_heads, prompt capacity, head_dim): group k holds
+                                   one prompt, for all the live rows that share it
+      keys / values                (slots, kv_heads, max_new_tokens, head_dim): slot s holds its
+                                   row's own positions (the tokens fed back) from column 0 on
+
+    A decode step writes row s's new key at column lens[s] and returns [:b, :, :kv], the b live
+    slots, kv = longest + 1; _shared_prefix_attention reads both parts."""
 
     def __init__(self, step: dict):
         super().__init__()
-        self.step = step  # shared by all layers: {"rows": (b,), "lens": (b,), "kv": int}
-
-    def allocate(self, slots: int, capacity: int, like, b: int, filled: int):
-        """Buffers for `slots` rows of `capacity` positions, shaped and typed as `like` (h, k, d);
-        rows [0, b) of the previous buffers, positions [0, filled), are kept."""
-        # zeros, not empty: attention weighs a row's unfilled columns by exactly 0, but 0 x NaN
-        # (what fresh memory can hold) is NaN; what a column holds later is a finished row's
-        keys = like.new_zeros((slots, like.shape[0], capacity, like.shape[-1]))
-        values = like.new_zeros((slots, like.shape[0], capacity, like.shape[-1]))
-        if self.is_initialized:
-            keys[:b, :, :filled] = self.keys[:b, :, :filled]
-            values[:b, :, :filled] = self.values[:b, :, :filled]
-        self.keys, self.values, self.is_initialized = keys, values, True
+        self.step = step  # shared by all layers: the Sampler's, see _decode
+        self.keys = self.values = self.prefix_keys = self.prefix_values = None
+        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """key_states (b, h, 1, d) of the b live slots -> their keys and values (b, h, kv, d)."""
+        """key_states (b, h, 1, d) of the b live slots -> their own keys and values (b, h, kv, d)."""
         rows, lens, kv = self.step["rows"], self.step["lens"], self.step["kv"]
         self.keys[rows, :, lens] = key_states[:, :, 0]  # (b, h, d) at column lens[s] of slot s
         self.values[rows, :, lens] = value_states[:, :, 0]
@@ -229,14 +308,14 @@ class _SlotLayer(CacheLayerMixin):
         return self.step["kv"] - 1
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2] if self.is_initialized else -1
+        return -1 if self.keys is None else self.keys.shape[2]
 
     def lazy_initialization(self, key_states, value_states):
         raise RuntimeError("the Sampler allocates its slots before the first step")
 
 
 class Sampler:
-    """Continuous batching over `batch_size` KV slots, each distinct prompt computed once.
+    """Continuous batching over `batch_size` KV slots, each distinct prompt computed and held once.
 
         sampler = Sampler(model, tok, batch_size=64, temperature=0.7, top_p=0.95,
                           max_new_tokens=256, stop=("Question:",))
@@ -252,13 +331,12 @@ class Sampler:
     holes so that the live rows stay [0, b). `refill=False` admits rows only into an empty
     batch (static batches, as before); `share_prompts=False` computes every row's prompt anew.
 
-    Memory: the slots hold at most batch_size x (longest prompt + max_new_tokens) positions, as
-    one static batch of the same rows did (fewer slots where fewer rows are queued). A prompt's
-    keys and values are copied into each slot of its rows: one copy per row, as before, since
-    the attention of a (b, 1) step reads them row by row. The prompts kept for reuse hold at
-    most an eighth of the slots' positions (least recently used first out), besides those that
-    queued rows still need. Under --tp every rank runs the same rows in the same order (the
-    bookkeeping is on the host and deterministic)."""
+    Memory: the live rows' prompts are held once each, in the group slots (_SlotLayer), and the
+    rows' slots hold only their own positions: n rows of one P-token prompt hold P + n x
+    max_new_tokens positions, where a static batch held n x (P + max_new_tokens). The prompts
+    kept for reuse hold at most an eighth of the positions the slots would hold unshared (least
+    recently used first out), besides those that queued rows still need. Under --tp every rank
+    runs the same rows in the same order (the bookkeeping is on the host and deterministic)."""
 
     def __init__(self, model, tok, batch_size: int, temperature: float = 0.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: tuple[str, ...] = (), share_prompts: bool = True,
@@ -268,16 +346,20 @@ class Sampler:
         self.share, self.refill = share_prompts, refill
         self.row_end = _RowEnd(model, tok, stop, max_new_tokens)
         self.device = next(model.parameters()).device
-        self.eager = model.config._attn_implementation == "eager"
         self.queue = deque()  # (key, prompt ids, seed) waiting for a slot
         self.waiting = {}  # prompt ids (tuple) -> rows of it in the queue
         self.prompts = OrderedDict()  # prompt ids (tuple) -> (kv [(k, v) (h, P, d)], logits (V,))
-        self.live = []  # per slot [0, b): [key, generated ids, uniforms]
-        self.lens, self.next = [], []  # per slot: positions filled; the token it feeds next
-        self.step = {"rows": None, "lens": None, "kv": 1}  # the decode step's, for _SlotLayer
+        self.live = []  # per slot [0, b): [key, generated ids, uniforms, prompt ids]
+        self.lens, self.next, self.group = [], [], []  # per slot: own positions filled; the
+        # token it feeds next; its group
+        self.groups = {}  # prompt ids -> [group, live rows], for the prompts of live rows
+        self.group_len, self.free_groups = [], []  # per group: prompt length (0: free); free ones
+        self.step = {"rows": None, "lens": None, "kv": 1}  # the decode step's (_decode)
         self.cache = Cache(layers=[_SlotLayer(self.step) for _ in
                                    range(model.config.get_text_config().num_hidden_layers)])
-        self.capacity, self.allocated, self.finished = 0, 0, deque()  # slots' positions, rows
+        self.step["layers"] = self.cache.layers
+        self.allocated, self.finished = 0, deque()  # row slots allocated; finished rows
+        self.prompt_capacity = 0  # positions of each group slot
         self.computed = 0  # prompt positions run through the model (the rest were reused)
 
     def add(self, key, prompt: list[int], seed: int = 0):
@@ -331,8 +413,9 @@ class Sampler:
 
     def _evict(self):
         """Forget the least recently used prompts that no waiting row needs, while the kept ones
-        hold more than an eighth of the slots' positions (and more than two prompts)."""
-        budget = self.allocated * self.capacity // 8
+        hold more than an eighth of the positions the slots would hold unshared (and more than
+        two prompts)."""
+        budget = self.allocated * (self.prompt_capacity + self.max_new_tokens) // 8
         held = sum(len(ids) for ids in self.prompts)
         for ids in list(self.prompts):
             if held <= budget or len(self.prompts) <= 2:
@@ -351,44 +434,88 @@ class Sampler:
         u = _uniforms(seed, self.max_new_tokens) if self.temperature > 0 else None
         token = sample_rows(logits[None], self.temperature, self.top_p,
                             None if u is None else torch.tensor(u[:1], device=self.device))
-        row = [key, [int(token)], u]
+        row = [key, [int(token)], u, ids]
         if (why := self.row_end.check(row[1], logits.shape[-1])) is not None:
             self.finished.append((key, self.row_end.output(row[1], why)))
             return False
         rows = len(self.live) + (slot is None)
-        need = len(ids) + self.max_new_tokens
-        if need > self.capacity or rows > self.allocated:  # grow (rarely: a few times a run)
-            if need > self.capacity:
-                self.capacity = max(need, self.capacity * 3 // 2)
-            # as many slots as the rows at hand can use: 8 long prompts need not hold 64
+        if rows > self.allocated:  # grow (rarely: a few times a run), as the rows at hand need
             self.allocated = min(self.slots, max(rows + len(self.queue), self.allocated))
             for layer, (keys, _) in zip(self.cache.layers, kv):
-                layer.allocate(self.allocated, self.capacity, keys, len(self.live),
-                               max(self.lens, default=0))
+                # a row feeds back at most max_new_tokens - 1 tokens: the last one ends it
+                layer.keys = _grown(layer.keys, self.allocated, self.max_new_tokens, keys)
+                layer.values = _grown(layer.values, self.allocated, self.max_new_tokens, keys)
         if slot is None:
             slot = len(self.live)
             self.live.append(None), self.lens.append(0), self.next.append(0)
-        for layer, (keys, values) in zip(self.cache.layers, kv):
-            layer.keys[slot, :, :len(ids)], layer.values[slot, :, :len(ids)] = keys, values
-        self.live[slot], self.lens[slot], self.next[slot] = row, len(ids), row[1][0]
+            self.group.append(0)
+        self.live[slot], self.lens[slot], self.next[slot] = row, 0, row[1][0]
+        self.group[slot] = self._enter_group(ids, kv)
         return True
 
+    def _enter_group(self, ids: tuple, kv) -> int:
+        """The group of prompt `ids` for one more live row; its first row takes a free group
+        and copies the prompt's keys and values into it."""
+        if ids in self.groups:
+            self.groups[ids][1] += 1
+            return self.groups[ids][0]
+        g = self.free_groups.pop() if self.free_groups else len(self.group_len)
+        if g == len(self.group_len):
+            self.group_len.append(0)
+        layers = self.cache.layers
+        groups = 0 if layers[0].prefix_keys is None else layers[0].prefix_keys.shape[0]
+        if g >= groups or len(ids) > self.prompt_capacity:  # grow: rarely, geometrically
+            groups = min(self.slots, max(g + 1, 2 * groups))
+            self.prompt_capacity = max(len(ids), self.prompt_capacity * 3 // 2)
+            for layer, (keys, _) in zip(layers, kv):
+                layer.prefix_keys = _grown(layer.prefix_keys, groups, self.prompt_capacity, keys)
+                layer.prefix_values = _grown(layer.prefix_values, groups, self.prompt_capacity,
+                                             keys)
+        for layer, (keys, values) in zip(layers, kv):
+            layer.prefix_keys[g, :, :len(ids)] = keys
+            layer.prefix_values[g, :, :len(ids)] = values
+        self.group_len[g], self.groups[ids] = len(ids), [g, 1]
+        return g
+
+    def _leave_group(self, slot: int):
+        """Slot `slot`'s row has finished: its group has one row less, and none frees it."""
+        entry = self.groups[self.live[slot][3]]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.groups[self.live[slot][3]]
+            self.group_len[entry[0]] = 0
+            self.free_groups.append(entry[0])
+
     def _decode(self):
-        """One forward of the b live rows' next tokens; each samples its following one."""
+        """One forward of the b live rows' next tokens; each samples its following one. The
+        step tells _SlotLayer where each row writes and _shared_prefix_attention which rows
+        share a prompt: the G groups in use, each with r places (its rows, padded)."""
         b, dev = len(self.live), self.device
-        lens = torch.tensor(self.lens, device=dev)  # (b,) where each row writes
+        lens = torch.tensor(self.lens, device=dev)  # (b,) own positions filled: where each writes
         kv = max(self.lens) + 1
-        visible = torch.arange(kv, device=dev)[None, :] <= lens[:, None]  # (b, kv)
-        mask = visible[:, None, None, :]  # (b, 1, 1, kv): sdpa reads True as "attend"
-        if self.eager:  # eager attention adds its mask to the scores
-            dtype = self.model.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(
-                ~mask, torch.finfo(dtype).min)
-        self.step.update(rows=torch.arange(b, device=dev), lens=lens, kv=kv)
-        logits = self.model(input_ids=torch.tensor(self.next, device=dev)[:, None],
-                            position_ids=lens[:, None], attention_mask=mask,
-                            past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=1).logits[:, -1]  # (b, V)
+        G = max(self.group) + 1
+        members = [[] for _ in range(G)]
+        for s, g in enumerate(self.group):
+            members[g].append(s)
+        r = max(map(len, members))
+        pack = [m[k] if k < len(m) else 0 for m in members for k in range(r)]  # (G x r,)
+        unpack = [0] * b  # (b,)
+        for g, m in enumerate(members):
+            for k, s in enumerate(m):
+                unpack[s] = g * r + k
+        prompt_len = torch.tensor([self.group_len[g] for g in self.group], device=dev)  # (b,)
+        P = max(self.group_len[:G])
+        sees_prompt = torch.arange(P, device=dev)[None, :] < prompt_len[:, None]  # (b, P)
+        sees_own = torch.arange(kv, device=dev)[None, :] <= lens[:, None]  # (b, kv)
+        mask = torch.cat([sees_prompt, sees_own], 1)[:, None, None, :]  # (b, 1, 1, P + kv)
+        self.step.update(rows=torch.arange(b, device=dev), lens=lens, kv=kv, groups=G, places=r,
+                         prompt_len=P, pack=torch.tensor(pack, device=dev),
+                         unpack=torch.tensor(unpack, device=dev))
+        with _attention(self.model, "shared_prefix"):
+            logits = self.model(input_ids=torch.tensor(self.next, device=dev)[:, None],
+                                position_ids=(prompt_len + lens)[:, None], attention_mask=mask,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                                shared_prefix=self.step).logits[:, -1]  # (b, V)
         u = None
         if self.temperature > 0:
             u = torch.tensor([row[2][len(row[1])] for row in self.live], device=dev)  # (b,)
@@ -401,6 +528,7 @@ class Sampler:
             self.next[s] = token
             if (why := self.row_end.check(row[1], logits.shape[-1])) is not None:
                 self.finished.append((row[0], self.row_end.output(row[1], why)))
+                self._leave_group(s)
                 holes.append(s)
         self._fill(holes)
 
@@ -421,9 +549,9 @@ class Sampler:
                 for layer in self.cache.layers:
                     layer.keys[s, :, :n] = layer.keys[last, :, :n]
                     layer.values[s, :, :n] = layer.values[last, :, :n]
-                self.live[s], self.lens[s], self.next[s] = \
-                    self.live[last], self.lens[last], self.next[last]
-            self.live.pop(), self.lens.pop(), self.next.pop()
+                self.live[s], self.lens[s], self.next[s], self.group[s] = \
+                    self.live[last], self.lens[last], self.next[last], self.group[last]
+            self.live.pop(), self.lens.pop(), self.next.pop(), self.group.pop()
 
 
 def _common_length(a: tuple, b: tuple) -> int:

@@ -5,9 +5,9 @@
 # chat template (--template chat: the question alone as the user message). Sizes are tiny: this
 # run shows that every stage works on a real model, not what the methods gain (see the table's
 # intervals). Then runs/check_real.py asserts the invariants on what the stages wrote.
-#   bash runs/real_cpu.sh          (what `make real` runs; ~13 min on 2 cores)
-# Measured on 2 AMD EPYC cores, nothing else running, 2026-12-06: time make real 12 min 31 s from
-# scratch (the stamps: build 25 s, 01 75 s, 02 69 s, 07 base 95 s, 03-06 179 s, 07 trained 297 s).
+#   bash runs/real_cpu.sh          (what `make real` runs; ~12 min on 2 cores)
+# Measured on 2 AMD EPYC cores, nothing else running, 2026-12-06: time make real 11 min 46 s from
+# scratch (the stamps: build 23 s, 01 73 s, 02 64 s, 07 base 87 s, 03-06 160 s, 07 trained 287 s).
 # Training: LoRA r 8, 4 optimizer steps per stage. Full fine-tuning is not much
 # slower here (03, 8 answers a step: 16-17 s vs 11-14 s with LoRA, 5.8 vs 5.5 GB), but at 03's
 # toy learning rate (2e-4) its loss rose from 0.68 to 1.07 within 2 steps; LoRA's did not.

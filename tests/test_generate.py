@@ -4,6 +4,8 @@ once), the static path it replaced (kept for models the slots cannot serve), and
 
   cache     step by step, the logits through _KVBuffer equal those through transformers'
             DynamicCache, also after dropping rows; the buffers are never reallocated
+  attention the decode step's shared-prefix attention (a prompt held once for its rows) equals
+            attention written out row by row in float64, over uneven groups
   generate  greedy ids = transformers' generate and = the static path (today's generate), row by
             row, with prompt sharing and refilling on and off and at several batch sizes, on a
             random GQA model in float64 (where only a bug can move an id), the toy model and the
@@ -98,6 +100,40 @@ def test_kv_buffer_gives_the_logits_of_dynamic_cache():
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
             pos = pos[:, -1:] + 1
     assert ours.get_seq_length() == ref.get_seq_length() == P + N - 1
+
+
+def test_shared_prefix_attention_equals_attention_over_each_rows_sequence():
+    """_shared_prefix_attention, rows of uneven groups (a free group between them, prompts of
+    different lengths, a group of one), against attention written out row by row in float64:
+    softmax(q [K_prompt; K_own]^T / sqrt(d)) [V_prompt; V_own], each query head on its kv head.
+    The columns a row must not see hold random numbers, not zeros, so reading one shows."""
+    import types
+    from machinery.generation import _shared_prefix_attention
+    torch.manual_seed(0)
+    h, g, d, P, kv = 2, 3, 8, 6, 5
+    group_of, prompt_len, own_len = [2, 0, 2, 0, 3], [4, 0, 6, 2], [1, 4, 0, 2, 3]
+    layer = types.SimpleNamespace(prefix_keys=torch.randn(4, h, P + 2, d, dtype=torch.float64),
+                                  prefix_values=torch.randn(4, h, P + 2, d, dtype=torch.float64))
+    b = len(group_of)
+    query = torch.randn(b, h * g, 1, d, dtype=torch.float64)
+    key, value = torch.randn(2, b, h, kv, d, dtype=torch.float64)
+    # the Sampler's step for these rows: groups 0..3 with places of 2 (group 1 is free)
+    pack = torch.tensor([1, 3, 0, 0, 0, 2, 4, 0])  # (G x r,)
+    unpack = torch.tensor([4, 0, 5, 1, 6])  # (b,)
+    sees = [[c < prompt_len[group_of[s]] for c in range(P)] + [c <= own_len[s] for c in range(kv)]
+            for s in range(b)]
+    step = dict(layers=[layer], groups=4, places=2, prompt_len=P, pack=pack, unpack=unpack)
+    ours, _ = _shared_prefix_attention(types.SimpleNamespace(layer_idx=0), query, key, value,
+                                       torch.tensor(sees)[:, None, None, :], d ** -0.5,
+                                       shared_prefix=step)
+    assert ours.shape == (b, 1, h * g, d)
+    for s in range(b):
+        n_prompt, n_own = prompt_len[group_of[s]], own_len[s] + 1
+        K = torch.cat([layer.prefix_keys[group_of[s], :, :n_prompt], key[s, :, :n_own]], 1)
+        V = torch.cat([layer.prefix_values[group_of[s], :, :n_prompt], value[s, :, :n_own]], 1)
+        for head in range(h * g):
+            weights = torch.softmax(K[head // g] @ query[s, head, 0] / d ** 0.5, 0)
+            torch.testing.assert_close(ours[s, 0, head], weights @ V[head // g])
 
 
 # generate
@@ -218,8 +254,10 @@ def test_full_batch_every_step_and_each_prompt_once(wide, monkeypatch):
     lengths = sorted(len(o["ids"]) for o in outs.values())
     assert widths[:len(widths) - max(lengths)].count(4) == len(widths) - max(lengths)
     assert sum(widths) == sum(n - 1 for n in lengths)  # the first token comes from the prompt
-    # the slots' keys: (batch_size, kv_heads, prompt + max_new_tokens, head_dim), no more
-    assert sampler.cache.layers[0].keys.shape == (4, 2, len(p) + 24, 8)
+    # each position held once: the prompt in one group slot for all 16 rows, (1, kv_heads,
+    # prompt, head_dim); the rows' own positions in (batch_size, kv_heads, max_new_tokens, ...)
+    assert sampler.cache.layers[0].prefix_keys.shape == (1, 2, len(p), 8)
+    assert sampler.cache.layers[0].keys.shape == (4, 2, 24, 8)
     sampler = Sampler(model, tok, 64, max_new_tokens=24)  # 2 rows take 2 slots, not 64
     sampler.add(0, p)
     sampler.add(1, prompts[1])
@@ -269,12 +307,15 @@ def test_nucleus_keeps_what_a_full_sort_keeps():
         sorted_p, idx = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         want = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
-        got = _nucleus(probs, top_p)
+        kept, ids = _nucleus(probs, top_p)
+        assert (ids.diff(dim=-1) > 0).all()  # each row's ids ascending, none twice
+        got = torch.zeros_like(probs).scatter_(-1, ids, kept)
         assert torch.equal(got > 0, want > 0) and torch.equal(got, want), top_p
-        u = torch.rand(len(probs))
-        assert torch.equal(sample_rows(logits, 1.0, top_p, u),
-                           torch.searchsorted(want.cumsum(-1), (u * want.sum(-1))[:, None],
-                                              right=True)[:, 0].clamp(max=V - 1))
+        cdf = want.cumsum(-1)  # the whole vocabulary's CDF, the tokens outside at 0
+        for _ in range(20):
+            u = torch.rand(len(probs))
+            assert torch.equal(sample_rows(logits, 1.0, top_p, u), torch.searchsorted(
+                cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=V - 1))
 
 
 def test_sliding_window_models_take_the_static_path():
