@@ -267,7 +267,8 @@ def _attention(model, implementation: str):
 
 
 def _grown(old, rows: int, length: int, like):
-    """Zeros (rows, h, length, d) typed as `like` (h, k, d), with `old`'s content kept. Zeros,
+    """Zeros (rows, h, length, d) shaped and typed as `like` (h, k, d): keys and values each
+    after their own (their head dims may differ), with `old`'s content kept. Zeros,
     not empty: attention weighs unfilled columns by exactly 0, but 0 x NaN (what fresh memory
     can hold) is NaN."""
     new = like.new_zeros((rows, like.shape[0], length, like.shape[-1]))
@@ -441,10 +442,10 @@ class Sampler:
         rows = len(self.live) + (slot is None)
         if rows > self.allocated:  # grow (rarely: a few times a run), as the rows at hand need
             self.allocated = min(self.slots, max(rows + len(self.queue), self.allocated))
-            for layer, (keys, _) in zip(self.cache.layers, kv):
+            for layer, (keys, values) in zip(self.cache.layers, kv):
                 # a row feeds back at most max_new_tokens - 1 tokens: the last one ends it
                 layer.keys = _grown(layer.keys, self.allocated, self.max_new_tokens, keys)
-                layer.values = _grown(layer.values, self.allocated, self.max_new_tokens, keys)
+                layer.values = _grown(layer.values, self.allocated, self.max_new_tokens, values)
         if slot is None:
             slot = len(self.live)
             self.live.append(None), self.lens.append(0), self.next.append(0)
@@ -467,10 +468,10 @@ class Sampler:
         if g >= groups or len(ids) > self.prompt_capacity:  # grow: rarely, geometrically
             groups = min(self.slots, max(g + 1, 2 * groups))
             self.prompt_capacity = max(len(ids), self.prompt_capacity * 3 // 2)
-            for layer, (keys, _) in zip(layers, kv):
+            for layer, (keys, values) in zip(layers, kv):
                 layer.prefix_keys = _grown(layer.prefix_keys, groups, self.prompt_capacity, keys)
                 layer.prefix_values = _grown(layer.prefix_values, groups, self.prompt_capacity,
-                                             keys)
+                                             values)
         for layer, (keys, values) in zip(layers, kv):
             layer.prefix_keys[g, :, :len(ids)] = keys
             layer.prefix_values[g, :, :len(ids)] = values
