@@ -3,6 +3,7 @@ transformers' generate and vLLM's CPU backend, on the real SmolLM2-135M-Instruct
 
     python bench/bench_generate.py --threads 2                         # all shapes, ~25 min
     python bench/bench_generate.py --threads 2 --shapes chat-n8,fewshot-n64 --variants now,vLLM
+    python bench/bench_generate.py --threads 2 --shapes chat-n8,fewshot-n64 --variants prev,now,prepacked
     python bench/bench_generate.py --device cuda --variants before,now,bf16,HF --batch-size 256
 
 Shapes (--shapes; rows = prompts x n, --max-new-tokens each):
@@ -21,6 +22,10 @@ Variants (--variants):
           generation.py), run as the stages ran it: the rows in static batches of --batch-size
   now     generation.generate(batch_size=--batch-size): continuous batching, each prompt computed
           once and its keys and values held once for its rows, the top-k nucleus
+  prev    generation.generate as git revision --prev has it (default: before one copy of a
+          shared prompt: each row held its own copy of its prompt's keys and values)
+  prepacked  now, on a copy of the model whose linear layers hold oneDNN-prepacked float32
+          weights (torch.utils.mkldnn.MkldnnLinear): tried, not used by the stages
   bf16    now, on a bfloat16 copy of the model (--bf16 of the sampling stages)
   HF      model.generate(num_return_sequences=n, top_k=None), --batch-size // n prompts a call
   vLLM    bench/vllm_generate.py under --vllm-python (a venv of its own: its docstring has the
@@ -33,8 +38,9 @@ weights and its 2 GiB KV cache included); on CUDA max_memory_allocated above the
 MFU share: generated tokens/s x 2 x parameters (the FLOPs of a token's forward, attention left
 out) over a large float32 matmul's FLOP/s on the same threads (measured first): the share of the
 machine's dense throughput that ends up in generated tokens (prompt work is not credited).
-Checks: greedy ids of now = before = HF (rows equal, counted), sampled ids of now = before (the
-same per-row seeds), bf16's greedy agreement with float32 (rows identical / all).
+Checks: greedy ids of now = before = HF (rows equal, counted), sampled ids of now = before, prev
+and prepacked (the same per-row seeds), bf16's greedy agreement with float32 (rows identical /
+all); the tokens/s of prev and prepacked against now's.
 Targets (issue 20): now >= 2x before at chat-n8 and >= 4x at fewshot-n64; now >= 1.2x vLLM there.
 """
 import argparse
@@ -74,6 +80,8 @@ parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per 
 parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (median)")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 parser.add_argument("--before", default="f7d2717", help="git revision of the previous generate")
+parser.add_argument("--prev", default="6174d0e",
+                    help="git revision of machinery/generation.py for the prev variant")
 parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python",
                     help="python of vLLM's venv (bench/vllm_generate.py)")
 
@@ -99,6 +107,32 @@ def generate_at(rev: str):
         for n in names:
             sys.modules.pop(n, None)
         sys.modules.update(ours)
+
+
+def generation_at(rev: str):
+    """generate as it is in git revision `rev`'s machinery/generation.py (it imports only
+    torch, transformers and common.position_ids, which are unchanged)."""
+    r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:machinery/generation.py"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"no machinery/generation.py in {rev}: {r.stderr.strip()}")
+    mod = types.ModuleType(f"generation_{rev}")
+    exec(compile(r.stdout, f"generation.py@{rev}", "exec"), mod.__dict__)
+    return mod.generate
+
+
+def prepacked_copy(model):
+    """A copy of `model` whose nn.Linear layers are oneDNN MkldnnLinear (float32 weights
+    reordered once into oneDNN's blocked layout; inputs and outputs stay dense tensors)."""
+    import copy
+    import torch
+    from torch.utils.mkldnn import MkldnnLinear
+    packed = copy.deepcopy(model)
+    for module in list(packed.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, MkldnnLinear(child, torch.float32))
+    return packed
 
 
 def measure(device, fn):
@@ -186,6 +220,8 @@ def main(args):
                     f" The answer is {p['answer']}.\n\n" for p in problems[:args.shots])
     ends = set(end_ids(model, tok))
     generate_before = generate_at(args.before) if "before" in variants else None
+    generate_prev = generation_at(args.prev) if "prev" in variants else None
+    model_packed = prepacked_copy(model) if "prepacked" in variants else None
     peak_flops = matmul_flops(device, args.threads)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -229,7 +265,11 @@ def main(args):
                 out += [cut(g) for g in gen]
             return out
 
-        fns = {"before": before, "now": now, "bf16": lambda: now(model16), "HF": hf}
+        def prev():
+            return [o["ids"] for o in generate_prev(model, tok, rows, seeds, batch_size=B, **kw)]
+
+        fns = {"before": before, "prev": prev, "now": now, "prepacked": lambda: now(model_packed),
+               "bf16": lambda: now(model16), "HF": hf}
         got = {}
         for v in variants:
             if v == "vLLM":
@@ -252,6 +292,11 @@ def main(args):
             table.append((shape, rows, prompts, n, v, (sum(map(len, ids)), statistics.median(
                 times), rate[v], peak, rate[v] * 2 * n_params / peak_flops,
                 rate[v] / rate["before"] if "before" in rate else None)))
+        for other in ("prev", "prepacked"):
+            if "now" in got and other in got:
+                same = sum(a == b for a, b in zip(got["now"][0], got[other][0]))
+                checks.append(f"{shape}: now = {other} on {same}/{len(rows)} rows; "
+                              f"{other} / now = {rate[other] / rate['now']:.2f}x tokens/s")
         if "now" in got and "before" in got:
             same = sum(a == b for a, b in zip(got["now"][0], got["before"][0]))
             checks.append(f"{shape}: now = before on {same}/{len(rows)} rows")
