@@ -109,7 +109,8 @@ def main(args):
 
     # Loop: a problem's record is appended as soon as its last sample is back
     sampling = GradedSampling(args, device)
-    for p, samples, outs in sampling.run(model, tok, todo, prompts):
+    for i, samples, outs in sampling.run(model, tok, todo, [prompts[p["id"]] for p in todo]):
+        p = todo[i]
         for s, o in zip(samples, outs):
             s["eos_id"] = response_eos(tok, o)  # 03 ends a chosen / rejected answer with it
         store.append({"id": p["id"], "question": p["question"], "answer": p["answer"],

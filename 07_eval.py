@@ -16,6 +16,10 @@ With --n k and a temperature each problem gets k samples: the record's output is
 MATH500 (problems with `level` / `subject`) adds accuracy by level and by subject.
 
 Reads  --data (default <run-dir>/00_toy/test.jsonl), --model (repeatable; default the toy model)
+       Several sets: --data A --out DIR_A [--limit K_A] --data B --out DIR_B ...: each set has
+       its own output dir and results, and the rows of all sets decode side by side in one
+       batch (a 16-problem subset alone would decode 8 rows a step per rank, where the weights'
+       reads, not the arithmetic, set the pace: `make real` evaluates its three sets so).
 Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, gold, correct,
                                                      truncated} (+ samples: [{text, pred,
                                                      correct, truncated}] if --n > 1)
@@ -30,6 +34,10 @@ Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, g
   python 07_eval.py --run-dir runs/toy --model runs/toy/05_train_cdpo/model \\
       --model runs/toy/06_train_stepdpo/model                                 # side by side
   python 07_eval.py --run-dir runs/toy --summary                              # table only
+  torchrun --nproc_per_node=2 -- 07_eval.py --run-dir runs/smollm2 --template chat \
+      --model runs/smollm2/model --label base --data runs/smollm2/problems/test.jsonl \
+      --out runs/smollm2/07_eval --limit 0 --data gsm8k --out runs/smollm2/07_eval_gsm8k \
+      --limit 16                                                              # two sets at once
   torchrun --nproc_per_node=8 -- 07_eval.py --run-dir runs/l3-8b \\
       --model runs/l3-8b/05_train_cdpo/model --data gsm8k \\
       --max-new-tokens 512 --batch-size auto --bf16
@@ -39,8 +47,7 @@ import argparse
 import json
 import math
 import re
-from collections import Counter, defaultdict
-from fractions import Fraction
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -48,15 +55,15 @@ import torch
 from common import (barrier, dist_init, dist_teardown, fail, print0, read_json, read_jsonl,
                     write_json, write_jsonl, write_text)
 from machinery.flags import add_model_args, add_run_args, add_sampling_args, check_sampling_args
-from machinery.mathtext import (format_prompt, grade, is_equiv, load_problems, pass_at_k,
-                                STOP_STRINGS)
+from machinery.mathtext import (format_prompt, grade, is_equiv, load_problems, majority,
+                                pass_at_k, STOP_STRINGS)
 from machinery.models import load_model, load_tokenizer
 from machinery.resume import file_stamp, resume_share
 from machinery.sampling import GradedSampling
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-g = add_run_args(parser, out="07_eval", limit="problems",
+g = add_run_args(parser, out="07_eval", limit="problems", sets=True,
                  data="gsm8k, math500 or a JSONL path (default: <run-dir>/00_toy/test.jsonl)",
                  seed="sample k of problem q uses seed_for(seed, q, k)")
 g.add_argument("--model", action="append", default=None, help="HF id or local dir; repeat to "
@@ -86,26 +93,6 @@ def wilson(correct: int, n: int, z: float = Z95) -> list[float]:
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, center - half), min(1.0, center + half)]
-
-
-def vote_key(pred: str) -> str:
-    """Answers that are the same written differently share a key: no spacing, \\left/\\right,
-    $ or trailing period; \\dfrac = \\frac; plain numbers as exact fractions (1,000 = 1000.0)."""
-    s = re.sub(r"\s+|\\[!,; ]|\\left|\\right|\\?\$", "", pred).rstrip(".")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    try:
-        return str(Fraction(s.replace(",", "")))
-    except (ValueError, ZeroDivisionError):
-        return s
-
-
-def majority(preds: list) -> str | None:
-    """The most frequent extracted answer (ties: the one seen first); unparsed ones do not vote."""
-    votes = Counter(vote_key(p) for p in preds if p is not None)
-    if not votes:
-        return None
-    best = max(votes.values())
-    return next(p for p in preds if p is not None and votes[vote_key(p)] == best)
 
 
 def powers_of_two(n: int) -> list[int]:
@@ -174,49 +161,62 @@ def write_summary(out: Path) -> str:
     return text
 
 
-def evaluate(args, model_path: str, tok, label: str, problems: list[dict], out: Path, rank: int,
-             world: int, device) -> dict | None:
-    """One model: sample and grade (resumable), then rank 0 merges and writes its results."""
+def evaluate(args, model_path: str, tok, label: str, sets: list[dict], rank: int, world: int,
+             device) -> list[dict | None]:
+    """One model on every set: sample and grade (resumable, a store per set; the rows of all sets
+    in one Sampler, so that a small set does not decode in a batch of its own), then rank 0
+    merges and writes each set's results. sets: [{data, out, limit, problems}]."""
     # Load
-    config = {**{k: v for k, v in vars(args).items() if k not in ("model", "label", "summary")},
-              "model": model_path, "label": label, "stop": STOP_STRINGS}
     model = load_model(model_path, device, torch.bfloat16 if args.bf16 else torch.float32,
                        args.trust_remote_code, tp=args.tp).eval()
-    prompts = {p["id"]: format_prompt(p["question"], args.template, tok) for p in problems}
-    # resume only what this model (these very weights), data and config produced
-    store, todo = resume_share(out / "generations.jsonl", problems, args.tp,
-                               fingerprint={**{k: config[k] for k in SHAPES_RESULTS},
-                                            "model": file_stamp(model_path),
-                                            "data": file_stamp(args.data)})
-    print0(f"[{label}] {len(problems)} problems | {len(problems) - len(store.done)} to do on "
-           f"{world} rank(s)")
+    configs, stores, todo = [], [], []  # a config and a store per set; todo: (set, problem)
+    for j, s in enumerate(sets):
+        config = {**{k: v for k, v in vars(args).items() if k not in ("model", "label", "summary")},
+                  "data": s["data"], "out": str(s["out"]), "limit": s["limit"],
+                  "model": model_path, "label": label, "stop": STOP_STRINGS}
+        # resume only what this model (these very weights), data and config produced
+        store, share = resume_share(s["out"] / label / "generations.jsonl", s["problems"],
+                                    args.tp, fingerprint={**{k: config[k] for k in SHAPES_RESULTS},
+                                                          "model": file_stamp(model_path),
+                                                          "data": file_stamp(s["data"])})
+        print0(f"[{label}] {Path(s['data']).name}: {len(s['problems'])} problems | "
+               f"{len(s['problems']) - len(store.done)} to do on {world} rank(s)")
+        configs.append(config), stores.append(store)
+        todo += [(j, p) for p in share]
+    prompts = [format_prompt(p["question"], args.template, tok) for _, p in todo]
 
-    # Loop: a problem's record (its sample 0; all samples with --n > 1) is appended as soon as
-    # its last sample is back
+    # Loop: a problem's record (its sample 0; all samples with --n > 1) is appended to its set's
+    # store as soon as its last sample is back
     sampling = GradedSampling(args, device)
-    for p, samples, _ in sampling.run(model, tok, todo, prompts):
-        rec = {"id": p["id"], "prompt": prompts[p["id"]], "output": samples[0]["text"],
+    for i, samples, _ in sampling.run(model, tok, [p for _, p in todo], prompts):
+        j, p = todo[i]
+        rec = {"id": p["id"], "prompt": prompts[i], "output": samples[0]["text"],
                "pred": samples[0]["pred"], "gold": p["answer"], "correct": samples[0]["correct"],
                "truncated": samples[0]["truncated"]}
-        store.append({**rec, "samples": samples} if args.n > 1 else rec)
+        stores[j].append({**rec, "samples": samples} if args.n > 1 else rec)
     del model
     throughput = sampling.throughput()  # a collective: every rank, before rank 0 writes
 
-    # Write: rank 0 merges the ranks' part files in problem order, then results.json
+    # Write: rank 0 merges each set's part files in problem order, then its results.json (the
+    # throughput is the run's, every set's rows together)
     barrier()
     if rank != 0:
-        store.close()
-        return None
-    records = store.merge([p["id"] for p in problems])
-    res = {"label": label, **results_of(records, problems, args.n), "throughput": throughput,
-           "config": config}
-    write_json(out / "results.json", res)
-    lo, hi = res["ci95"]
-    print0(f"[{label}] accuracy {res['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | n {res['n']} | "
-           f"unparsed {res['n_unparsed']} | truncated {res['n_truncated']}" + "".join(
-               f" | {m}{k} {v:.3f}" for m in ("pass@", "maj@") for k, v in
-               res.get(m + "k", {}).items()) + f" -> {out}")
-    return res
+        for store in stores:
+            store.close()
+        return [None] * len(sets)
+    results = []
+    for s, store, config in zip(sets, stores, configs):
+        records = store.merge([p["id"] for p in s["problems"]])
+        res = {"label": label, **results_of(records, s["problems"], args.n),
+               "throughput": throughput, "config": config}
+        write_json(s["out"] / label / "results.json", res)
+        lo, hi = res["ci95"]
+        print0(f"[{label}] accuracy {res['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | n {res['n']} | "
+               f"unparsed {res['n_unparsed']} | truncated {res['n_truncated']}" + "".join(
+                   f" | {m}{k} {v:.3f}" for m in ("pass@", "maj@") for k, v in
+                   res.get(m + "k", {}).items()) + f" -> {s['out'] / label}")
+        results.append(res)
+    return results
 
 
 def regrade(out_root: Path):
@@ -243,41 +243,53 @@ def regrade(out_root: Path):
 
 
 def main(args):
-    out_root = Path(args.out or Path(args.run_dir) / "07_eval")
+    run = Path(args.run_dir)
+    datas = args.data or [str(run / "00_toy" / "test.jsonl")]
+    outs = [Path(o) for o in args.out or ([run / "07_eval"] if len(datas) == 1 else [])]
     if args.regrade:
-        regrade(out_root)
+        for out in outs:
+            regrade(out)
         args.summary = True
     if args.summary:
-        if not list(out_root.glob("*/results.json")):
-            fail(f"{out_root}: no results yet (run 07_eval.py first)")
-        print(write_summary(out_root), end="")
+        for out in outs or [run / "07_eval"]:
+            if not list(out.glob("*/results.json")):
+                fail(f"{out}: no results yet (run 07_eval.py first)")
+            print(write_summary(out), end="")
         return
 
     # Init: every check before anything is written
     rank, world, device = dist_init()
-    run = Path(args.run_dir)
     models = [str(m) for m in args.model or [run / "00_toy" / "model"]]
     labels = args.label or [default_label(m) for m in models]
-    args.data = str(args.data or run / "00_toy" / "test.jsonl")
+    limits = args.limit or [0]
+    if len(outs) != len(datas) or len(set(outs)) != len(outs) or \
+            len(limits) not in (1, len(datas)):
+        fail(f"--data {datas} --out {[str(o) for o in outs]} --limit {limits}: give one distinct "
+             f"--out per --data (a single --data may go without: <run-dir>/07_eval) and one "
+             f"--limit for all sets or one per --data")
     if len(labels) != len(models) or len(set(labels)) != len(labels):
         fail(f"labels {labels} for models {models}: give one distinct --label per --model")
     check_sampling_args(args)
     # a missing second model stops here, not after the first model's results are written
     toks = [load_tokenizer(m, args.trust_remote_code) for m in models]
-    problems = load_problems(args.data, args.split)[:args.limit or None]
-    if not problems:
-        fail(f"{args.data}: no problems")
+    sets = []
+    for data, out, limit in zip(datas, outs, limits * len(datas) if len(limits) == 1 else limits):
+        problems = load_problems(data, args.split)[:limit or None]
+        if not problems:
+            fail(f"{data}: no problems")
+        sets.append({"data": str(data), "out": out, "limit": limit, "problems": problems})
     print0(f"config: {json.dumps({**vars(args), 'model': models, 'label': labels})}")
 
-    # Load, loop and write, one model after the other (evaluate)
-    results = [evaluate(args, m, tok, label, problems, out_root / label, rank, world, device)
+    # Load, loop and write, one model after the other (evaluate), every set in one batch
+    results = [evaluate(args, m, tok, label, sets, rank, world, device)
                for m, tok, label in zip(models, toks, labels)]
 
-    # Write: the comparison table
+    # Write: the comparison table of each set
     if rank == 0:
-        write_summary(out_root)
-        if len(results) > 1:
-            print(table(results), end="")
+        for j, s in enumerate(sets):
+            write_summary(s["out"])
+            if len(results) > 1:
+                print(table([per_set[j] for per_set in results]), end="")
 
     # Cleanup
     dist_teardown()

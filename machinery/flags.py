@@ -21,20 +21,26 @@ def count(text: str) -> int:
 
 
 def add_run_args(parser, *, data: str, out: str, limit: str, model: str | None = None,
-                 seed: str | None = None, limit_default: int = 0):
+                 seed: str | None = None, limit_default: int = 0, sets: bool = False):
     """The "run" group a stage starts with: --run-dir, --model,
     --data, --out, --limit and, where the stage draws anything, --seed. The keywords are the
     stage's help texts (`out`: the output's default path in the run dir; `limit`: what --limit
-    counts). Returns the group, for a stage's own run flags (--split, --label, --pos-model)."""
+    counts). sets: --data, --out and --limit repeat, a data set each (07: several sets in one
+    run; the stage reads lists, None where a flag is not given). Returns the group, for a
+    stage's own run flags (--split, --label, --pos-model)."""
     g = parser.add_argument_group("run")
     g.add_argument("--run-dir", default="runs/toy",
                    help="run directory shared by all stages (%(default)s)")
     if model:
         g.add_argument("--model", default=None, help=model)
-    g.add_argument("--data", default=None, help=data)
-    g.add_argument("--out", default=None, help=f"output dir (default: <run-dir>/{out})")
-    g.add_argument("--limit", type=count, default=limit_default,
-                   help=f"use the first K {limit} (0: all; default %(default)s)")
+    each = dict(action="append", default=None) if sets else {}
+    g.add_argument("--data", **{"default": None, **each}, help=data + (
+        "; repeat for several sets, one --out each" if sets else ""))
+    g.add_argument("--out", **{"default": None, **each}, help=f"output dir (default: "
+                   f"<run-dir>/{out})" + ("; one per --data" if sets else ""))
+    g.add_argument("--limit", type=count, **{"default": limit_default, **each},
+                   help=f"use the first K {limit} (0: all; default {limit_default})" + (
+                       "; one for every set or one per --data" if sets else ""))
     if seed:
         g.add_argument("--seed", type=int, default=0, help=f"{seed} (%(default)s)")
     return g

@@ -8,6 +8,7 @@
   extract_answer  last \\boxed{}, else "The answer is ...", else "#### ...", else the last number
   grade           (pred, correct) of one sample; an answer cut by the token limit is never right
   pass_at_k       unbiased pass@k of n graded samples of which c are right (07, 08)
+  majority        the most frequent answer, equal ones written differently grouped (07)
   is_equiv        plain numbers exactly in-process; the rest through math-verify in a worker
                   subprocess with a hard time limit (model text is parsed, never executed)
 """
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -286,6 +288,26 @@ def grade(text: str, gold: str, truncated: bool = False) -> tuple[str | None, bo
     'last number' may be a partial result that happens to equal the gold one."""
     pred = extract_answer(text)
     return pred, not truncated and is_equiv(pred, gold)
+
+
+def vote_key(pred: str) -> str:
+    """Answers that are the same written differently share a key: no spacing, \\left/\\right,
+    $ or trailing period; \\dfrac = \\frac; plain numbers as exact fractions (1,000 = 1000.0)."""
+    s = re.sub(r"\s+|\\[!,; ]|\\left|\\right|\\?\$", "", pred).rstrip(".")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    try:
+        return str(Fraction(s.replace(",", "")))
+    except (ValueError, ZeroDivisionError):
+        return s
+
+
+def majority(preds: list) -> str | None:
+    """The most frequent extracted answer (ties: the one seen first); unparsed ones do not vote."""
+    votes = Counter(vote_key(p) for p in preds if p is not None)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(p for p in preds if p is not None and votes[vote_key(p)] == best)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -25,11 +25,12 @@ class GradedSampling:
     of add_sampling_args and STOP_STRINGS), each graded against the problem's answer.
 
         sampling = GradedSampling(args, device)
-        for problem, samples, outs in sampling.run(model, tok, todo, prompts):
-            ...                                  # the stage stores the problem's record
+        for i, samples, outs in sampling.run(model, tok, todo, prompts):
+            ...                                  # the stage stores problem todo[i]'s record
         speed = sampling.throughput()            # every rank: a collective
 
-    run yields as soon as a problem's last sample is back: outs[k] is generate's output for
+    run yields as soon as a problem's last sample is back: i its place in `problems` (several
+    sets may be evaluated in one run: their ids need not be distinct), outs[k] generate's output for
     sample k ({ids, text, finish}) and samples[k] its grade {text, pred, correct, truncated}
     (mathtext.grade: a sample cut by --max-new-tokens is never right). A progress line shows
     samples/s, generated tok/s and the shares of right and of truncated samples so far."""
@@ -38,38 +39,37 @@ class GradedSampling:
         self.args, self.device = args, device
         self.rows, self.tokens, self.seconds = 0, 0, 0.0  # this process, this run
 
-    def run(self, model, tok, problems: list[dict], prompts: dict):
-        """problems: this rank's [{id, answer, ...}] still to do; prompts: id -> prompt text."""
+    def run(self, model, tok, problems: list[dict], prompts: list[str]):
+        """problems: this rank's [{id, answer, ...}] still to do; prompts: their prompt texts."""
         a = self.args
-        ids = {p["id"]: encode_prompt(tok, prompts[p["id"]]) for p in problems}
+        ids = [encode_prompt(tok, text) for text in prompts]
         batch_size = a.batch_size if a.batch_size != "auto" else auto_batch_size(
-            model, max(map(len, ids.values()), default=0), a.max_new_tokens, self.device,
+            model, max(map(len, ids), default=0), a.max_new_tokens, self.device,
             get_world() if a.tp else 1)
         # One Sampler for every (problem, k) row: a full batch every step, each problem's
         # prompt computed once for its n rows. Sample k of problem q draws with
         # seed_for(seed, q, k): it does not depend on the batch, the ranks or a resume.
         sampler = Sampler(model, tok, batch_size, temperature=a.temperature, top_p=a.top_p,
                           max_new_tokens=a.max_new_tokens, stop=tuple(STOP_STRINGS))
-        for p in problems:
+        for i, p in enumerate(problems):
             for k in range(a.n):
-                sampler.add((p["id"], k), ids[p["id"]], seed_for(a.seed, p["id"], k))
-        problem_of = {p["id"]: p for p in problems}
-        outs_of = {p["id"]: {} for p in problems}
+                sampler.add((i, k), ids[i], seed_for(a.seed, p["id"], k))
+        outs_of = {i: {} for i in range(len(problems))}
         progress = Progress(len(problems), unit="problems")
         right, cut, graded, t0 = 0, 0, 0, time.time()
-        for (pid, k), o in sampler.results():
-            outs_of[pid][k] = o
+        for (i, k), o in sampler.results():
+            outs_of[i][k] = o
             self.rows, self.tokens = self.rows + 1, self.tokens + len(o["ids"])
-            if len(outs_of[pid]) < a.n:
+            if len(outs_of[i]) < a.n:
                 continue
-            p, got = problem_of[pid], outs_of.pop(pid)
+            p, got = problems[i], outs_of.pop(i)
             p_outs = [got[k] for k in range(a.n)]
             samples = []  # its last sample is back: grade them all
             for o in p_outs:
                 pred, correct = grade(o["text"], p["answer"], o["finish"] == "length")
                 samples.append({"text": o["text"], "pred": pred, "correct": correct,
                                 "truncated": o["finish"] == "length"})
-            yield p, samples, p_outs
+            yield i, samples, p_outs
             right += sum(s["correct"] for s in samples)
             cut += sum(s["truncated"] for s in samples)
             graded += len(samples)

@@ -60,14 +60,13 @@ $SPLIT 02_localize.py \
 stamp 02
 
 # 07: the base model on the test problems and on the first problems of the GSM8K and MATH500
-# subsets (128 new tokens cut most of their answers: they show that real data flows through;
-# ~100 s per model).
+# subsets (128 new tokens cut most of their answers: they show that real data flows through).
+# The three sets in one run: their rows decode side by side (~60 s per model).
 evaluate() {  # evaluate <--model DIR --label L>...: the three sets
-  $SPLIT 07_eval.py --run-dir "$RUN" "$@" --data "$RUN/problems/test.jsonl" $EVAL
-  $SPLIT 07_eval.py --run-dir "$RUN" "$@" --data $GSM8K --limit "$REAL_N" \
-    --out "$RUN/07_eval_gsm8k" $EVAL
-  $SPLIT 07_eval.py --run-dir "$RUN" "$@" --data $MATH500 --limit "$REAL_N" \
-    --out "$RUN/07_eval_math500" $EVAL
+  $SPLIT 07_eval.py --run-dir "$RUN" "$@" $EVAL \
+    --data "$RUN/problems/test.jsonl" --out "$RUN/07_eval" --limit 0 \
+    --data $GSM8K --out "$RUN/07_eval_gsm8k" --limit "$REAL_N" \
+    --data $MATH500 --out "$RUN/07_eval_math500" --limit "$REAL_N"
 }
 evaluate --model "$MODEL" --label base
 stamp "07 base"

@@ -66,18 +66,16 @@ $PY runs/check_steps.py --run-dir "$RUN"
 stamp 02
 
 eval_real() {  # eval_real DIR <--model M --label L ...>: models on the GSM8K and MATH500 subsets
-  local dir=$1 set data; shift
-  for set in gsm8k math500; do
-    data=$GSM8K && [ $set = math500 ] && data=$MATH500
-    $SPLIT 07_eval.py --run-dir "$dir" --data $data --limit "$REAL_N" --out "$RUN/07_eval_$set" \
-      --template chat --max-new-tokens 256 --batch-size 64 "$@"
-  done
+  local dir=$1; shift  # (both sets in one run: their rows decode side by side)
+  $SPLIT 07_eval.py --run-dir "$dir" --template chat --max-new-tokens 256 --batch-size 64 "$@" \
+    --data $GSM8K --out "$RUN/07_eval_gsm8k" --data $MATH500 --out "$RUN/07_eval_math500" \
+    --limit "$REAL_N"
 }
 
-# 07: the base model on test, on dev (the split settings are chosen on) and on the real subsets.
-$SPLIT 07_eval.py --run-dir "$RUN" --model "$MODEL" --label base --data $P/test.jsonl $EVAL
-$SPLIT 07_eval.py --run-dir "$RUN" --model "$MODEL" --label base --data $P/dev.jsonl \
-  --out "$RUN/07_eval_dev" $EVAL
+# 07: the base model on test and on dev (the split settings are chosen on), in one run, and on
+# the real subsets.
+$SPLIT 07_eval.py --run-dir "$RUN" --model "$MODEL" --label base $EVAL \
+  --data $P/test.jsonl --out "$RUN/07_eval" --data $P/dev.jsonl --out "$RUN/07_eval_dev"
 eval_real "$RUN" --model "$MODEL" --label base
 stamp "07 base"
 

@@ -4,6 +4,7 @@ by the real stage's argparse parser (an unknown or misspelt flag exits 2). The p
 runs/multigpu.sh carry the settings of the paper notes: the numbers are read out of PAPERS.md
 itself (A0-A4, B1-B3) and compared with what each recorded stage command parses to."""
 import os
+from pathlib import Path
 import re
 import shlex
 import subprocess
@@ -82,18 +83,22 @@ def test_study_script_flags_parse(tmp_path):
             continue
         args = load_stage(argv[0].removesuffix(".py")).parser.parse_args(argv[1:])
         stages.append(argv[0])
-        if argv[0] == "07_eval.py":
-            evals.append((args.data, args.label))
+        if argv[0] == "07_eval.py":  # one entry per set: its data, its output dir, the labels
+            outs = args.out or [str(Path(args.run_dir) / "07_eval")]
+            assert len(outs) == len(args.data) and len(args.limit or [0]) in (1, len(outs))
+            evals += [(data, Path(out).name, args.label) for data, out in zip(args.data, outs)]
         if argv[0] in ("05_train_cdpo.py", "06_train_stepdpo.py") and "-s1" in args.run_dir:
             assert args.lr == 7e-5, argv  # the sweep's choice, as best-<method>.txt names it
     assert set(stages) == {f"{name}.py" for name in STAGES[1:]}  # 01-09, every one
-    test = [labels for data, labels in evals if data.endswith("test.jsonl")]
+    test = [labels for data, out, labels in evals if data.endswith("test.jsonl")]
     final = ["sft", "dpo", "cdpo", "stepdpo", "stepdpo-sft"]
     assert test == [["base"], final, final]  # the base model, then each seed's final models
-    dev = [labels for data, labels in evals if data.endswith("dev.jsonl")]
+    assert {out for data, out, _ in evals if data.endswith("test.jsonl")} == {"07_eval"}
+    dev = [labels for data, out, labels in evals if data.endswith("dev.jsonl")]
     assert dev[0] == ["base"] and all(lab.startswith("sweep-") for lab in dev[1])
-    real = [labels for data, labels in evals if "gsm8k" in data or "math500" in data]
-    assert real == [["base"], ["base"], final, final]  # seed 0's models only, on both subsets
+    real = [(out, labels) for data, out, labels in evals if "gsm8k" in data or "math500" in data]
+    assert real == [("07_eval_gsm8k", ["base"]), ("07_eval_math500", ["base"]),
+                    ("07_eval_gsm8k", final), ("07_eval_math500", final)]  # seed 0's models
 
 
 STAGES = ["00_toy", "01_sample", "02_localize", "03_contrastive_sft", "04_score_tokens",

@@ -14,7 +14,7 @@ import pytest
 from common import encode_prompt, seed_for
 from machinery.models import load_model, load_tokenizer
 from conftest import ROOT, load_stage, tiny_llama
-from machinery.mathtext import extract_answer, format_prompt, is_equiv, STOP_STRINGS
+from machinery.mathtext import extract_answer, format_prompt, is_equiv, majority, STOP_STRINGS
 from machinery.generation import generate
 
 sample = load_stage("01_sample")
@@ -188,6 +188,35 @@ def test_eval_killed_and_restarted_equals_uninterrupted(toy_world, tmp_path, ref
         {k: v for k, v in ref.items() if k not in ("throughput", "config")}
 
 
+def test_eval_several_sets_in_one_run_equal_each_alone(toy_world, tmp_path, ref07, capsys):
+    """Two sets in one run, their rows in one batch: the same file twice (so their ids collide)
+    at limits 10 and 6. Each set's generations and results are what the run of that set alone
+    wrote (ref07): sample k of problem q draws from seed_for(seed, q, k) wherever its row sits."""
+    test = toy_world / "00_toy" / "test.jsonl"
+    run_stage(evaluate, "--run-dir", toy_world, "--batch-size", 5, *EVAL_ARGS,  # --limit 10
+              "--data", test, "--out", tmp_path / "a", "--data", test, "--out", tmp_path / "b",
+              "--limit", 6)
+    ref = lines(ref07 / "generations.jsonl")
+    assert lines(tmp_path / "a" / "base" / "generations.jsonl") == ref
+    assert lines(tmp_path / "b" / "base" / "generations.jsonl") == ref[:6]
+    res_a, res_b, res_ref = (json.loads((d / "results.json").read_text()) for d in
+                             (tmp_path / "a" / "base", tmp_path / "b" / "base", ref07))
+    drop = ("throughput", "config")
+    assert {k: v for k, v in res_a.items() if k not in drop} == \
+        {k: v for k, v in res_ref.items() if k not in drop}
+    assert res_b["n"] == 6 and res_b["n_correct"] == sum(g["correct"] for g in ref[:6])
+    assert (res_a["config"]["limit"], res_b["config"]["limit"]) == (10, 6)
+    assert res_b["config"]["out"] == str(tmp_path / "b") and res_b["config"]["data"] == str(test)
+    assert res_a["throughput"]["samples"] == 2 * (10 + 6)  # one run: both sets' rows
+    for bad in (["--data", test, "--data", test],  # several sets: an --out each
+                ["--data", test, "--out", tmp_path / "c", "--data", test, "--out", tmp_path / "c"],
+                ["--data", test, "--out", tmp_path / "c", "--limit", 1, "--limit", 2,
+                 "--limit", 3]):
+        with pytest.raises(SystemExit) as e:
+            run_stage(evaluate, "--run-dir", toy_world, *bad)
+        assert e.value.code == 2 and "one distinct --out per --data" in capsys.readouterr().err
+
+
 def test_eval_results_agree_with_generations(mini_chain, tmp_path):
     """Gold answers set to the model's own sample-0 answer on half the problems: exactly those
     that were not cut by the token limit must grade right, and results.json must agree with
@@ -282,9 +311,9 @@ def test_wilson_by_hand():
 
 
 def test_majority_vote_groups_equal_answers():
-    assert evaluate.majority(["1,000", "7", "1000.0", None, None, "7 "]) == "1,000"
-    assert evaluate.majority(["\\dfrac{1}{2}", "0.5", "3"]) == "\\dfrac{1}{2}"
-    assert evaluate.majority([None, None]) is None
+    assert majority(["1,000", "7", "1000.0", None, None, "7 "]) == "1,000"
+    assert majority(["\\dfrac{1}{2}", "0.5", "3"]) == "\\dfrac{1}{2}"
+    assert majority([None, None]) is None
 
 
 # Bad input: one line on stderr, exit code 2, nothing written
