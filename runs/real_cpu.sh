@@ -5,9 +5,9 @@
 # chat template (--template chat: the question alone as the user message). Sizes are tiny: this
 # run shows that every stage works on a real model, not what the methods gain (see the table's
 # intervals). Then runs/check_real.py asserts the invariants on what the stages wrote.
-#   bash runs/real_cpu.sh          (what `make real` runs; ~12 min on 2 cores)
-# Measured on 2 AMD EPYC cores, nothing else running, 2026-12-06: time make real 11 min 46 s from
-# scratch (the stamps: build 23 s, 01 73 s, 02 64 s, 07 base 87 s, 03-06 160 s, 07 trained 287 s).
+#   bash runs/real_cpu.sh          (what `make real` runs; ~11 min on 2 cores)
+# Measured on 2 AMD EPYC cores, nothing else running, 2026-12-07: time make real 10 min 36 s from
+# scratch (the stamps: build 29 s, 01 59 s, 02 65 s, 07 base 64 s, 03-06 178 s, 07 trained 228 s).
 # Training: LoRA r 8, 4 optimizer steps per stage. Full fine-tuning is not much
 # slower here (03, 8 answers a step: 16-17 s vs 11-14 s with LoRA, 5.8 vs 5.5 GB), but at 03's
 # toy learning rate (2e-4) its loss rose from 0.68 to 1.07 within 2 steps; LoRA's did not.
@@ -19,6 +19,8 @@ MODEL=$RUN/model
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process is fastest on a small CPU
 # Sampling stages split their records over NPROC processes under torchrun; training runs in one.
+# Each process decodes up to 128 rows side by side (--batch-size): at one thread a wider batch
+# is faster (01's rows on one rank: 57 s at 32, 44 s at 96, the same ids).
 NPROC=${NPROC:-2}
 SPLIT="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC --"
 [ "$NPROC" = 1 ] && SPLIT=$PY
@@ -29,7 +31,7 @@ STEPS=${STEPS:-4}       # optimizer steps of each training stage (LoRA r 8)
 LOCALIZE_N=${LOCALIZE_N:-32}  # problems whose wrong samples 02 localizes
 REAL_N=${REAL_N:-16}    # problems of each real subset (GSM8K, MATH500) in 07
 GSM8K=data/gsm8k_test_64.jsonl MATH500=data/math500_test_32.jsonl
-EVAL="--template chat --max-new-tokens 128 --batch-size 32"
+EVAL="--template chat --max-new-tokens 128 --batch-size 128"
 t0=$SECONDS
 stamp() { echo "== $1: $((SECONDS - t0)) s since start" >&2; }
 
@@ -47,7 +49,7 @@ $SPLIT 01_sample.py \
   --model "$MODEL" \
   --data "$RUN/problems/train.jsonl" \
   --template chat \
-  --n 4 --temperature 0.7 --top-p 0.95 --max-new-tokens 128 --batch-size 32
+  --n 4 --temperature 0.7 --top-p 0.95 --max-new-tokens 128 --batch-size 128
 stamp 01
 
 # 02: Step-DPO pairs: first wrong step of one wrong sample per problem, 4 rollouts per prefix
@@ -56,7 +58,7 @@ $SPLIT 02_localize.py \
   --run-dir "$RUN" \
   --model "$MODEL" \
   --limit "$LOCALIZE_N" --per-problem 1 --rollouts 4 --temperature 0.7 --max-new-tokens 96 \
-  --batch-size 32
+  --batch-size 128
 stamp 02
 
 # 07: the base model on the test problems and on the first problems of the GSM8K and MATH500
