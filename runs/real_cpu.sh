@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=fa
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process is fastest on a small CPU
 # Sampling stages split their records over NPROC processes under torchrun; training runs in one.
 # Each process decodes up to 128 rows side by side (--batch-size): at one thread a wider batch
-# is faster (01's rows on one rank: 57 s at 32, 44 s at 96, the same ids).
+# is faster (01: 83 s at 32, 59 s at 128, the same samples; BENCHMARKS.md, make real).
 NPROC=${NPROC:-2}
 SPLIT="$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC --"
 [ "$NPROC" = 1 ] && SPLIT=$PY
