@@ -22,7 +22,7 @@ Toy world (CPU):
     python 06_train_stepdpo.py --run-dir runs/toy
 Many GPUs (the published 7B recipe):
     torchrun --nproc_per_node 8 06_train_stepdpo.py --run-dir runs/qwen2-7b \\
-        --model <your Qwen2-7B-SFT> --beta 0.5 --lr 5e-7 --epochs 8 --batch-size 128 \\
+        --model path/to/qwen2-7b-sft --beta 0.5 --lr 5e-7 --epochs 8 --batch-size 128 \\
         --micro-batch-size 4 --schedule cosine --warmup-ratio 0.1 --max-length 1024 --bf16 \\
         --activation-checkpointing --seed 42
 

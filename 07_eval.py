@@ -34,10 +34,10 @@ Writes <run-dir>/07_eval/<label>/generations.jsonl  {id, prompt, output, pred, g
   python 07_eval.py --run-dir runs/toy --model runs/toy/05_train_cdpo/model \\
       --model runs/toy/06_train_stepdpo/model                                 # side by side
   python 07_eval.py --run-dir runs/toy --summary                              # table only
-  torchrun --nproc_per_node=2 -- 07_eval.py --run-dir runs/smollm2 --template chat \
-      --model runs/smollm2/model --label base --data runs/smollm2/problems/test.jsonl \
-      --out runs/smollm2/07_eval --limit 0 --data gsm8k --out runs/smollm2/07_eval_gsm8k \
-      --limit 16                                                              # two sets at once
+  torchrun --nproc_per_node=2 -- 07_eval.py --run-dir runs/smollm2 --template chat \\
+      --model runs/smollm2/model --label base --data runs/smollm2/problems/test.jsonl \\
+      --out runs/smollm2/07_eval --limit 0 --data data/gsm8k_test_64.jsonl \\
+      --out runs/smollm2/07_eval_gsm8k --limit 16                             # two sets at once
   torchrun --nproc_per_node=8 -- 07_eval.py --run-dir runs/l3-8b \\
       --model runs/l3-8b/05_train_cdpo/model --data gsm8k \\
       --max-new-tokens 512 --batch-size auto --bf16

@@ -119,6 +119,22 @@ def test_every_stage_has_help_and_the_shared_flags(name):
             name == "04_score_tokens" and {"--data", "--out", "--pos-model"} <= flags, flags
 
 
+@pytest.mark.parametrize("name", STAGES)
+def test_every_example_in_a_stages_docstring_parses(name):
+    """The command lines a stage's docstring shows (python / torchrun ... NN_stage.py ..., with
+    their continuation lines) parse with the stage's own parser: an example with a flag the stage
+    does not take, a value it refuses or a placeholder with a space in it fails here."""
+    stage = load_stage(name)
+    text = re.sub(r"\\\n\s*", " ", stage.__doc__)  # continuation lines joined
+    commands = [line.split("#")[0] for line in text.splitlines()
+                if re.match(r"\s*(python|torchrun)\b.*\b" + name + r"\.py\b", line)]
+    assert commands or name == "00_toy", "show at least one command line"
+    for line in commands:
+        argv = shlex.split(line)
+        args = argv[next(i for i, a in enumerate(argv) if a.endswith(name + ".py")) + 1:]
+        stage.parser.parse_args(args)
+
+
 # --------------------------------------------------------------------------------------------------
 # The published settings, read out of the paper notes
 
