@@ -358,7 +358,6 @@ class Sampler:
         self.step = {"rows": None, "lens": None, "kv": 1}  # the decode step's (_decode)
         self.cache = Cache(layers=[_SlotLayer(self.step) for _ in
                                    range(model.config.get_text_config().num_hidden_layers)])
-        self.step["layers"] = self.cache.layers
         self.allocated, self.finished = 0, deque()  # row slots allocated; finished rows
         self.prompt_capacity = 0  # positions of each group slot
         self.computed = 0  # prompt positions run through the model (the rest were reused)
@@ -512,11 +511,18 @@ class Sampler:
         self.step.update(rows=torch.arange(b, device=dev), lens=lens, kv=kv, groups=G, places=r,
                          prompt_len=P, pack=torch.tensor(pack, device=dev),
                          unpack=torch.tensor(unpack, device=dev))
-        with _attention(self.model, "shared_prefix"):
-            logits = self.model(input_ids=torch.tensor(self.next, device=dev)[:, None],
-                                position_ids=(prompt_len + lens)[:, None], attention_mask=mask,
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                                shared_prefix=self.step).logits[:, -1]  # (b, V)
+        # the layers ride in the step only for this forward: held there for good, they and the
+        # step would form a cycle (step -> layers -> step) that keeps a finished Sampler's
+        # buffers alive until Python's cycle collector runs (08: ~1 GB more per answer)
+        self.step["layers"] = self.cache.layers
+        try:
+            with _attention(self.model, "shared_prefix"):
+                logits = self.model(input_ids=torch.tensor(self.next, device=dev)[:, None],
+                                    position_ids=(prompt_len + lens)[:, None], attention_mask=mask,
+                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                                    shared_prefix=self.step).logits[:, -1]  # (b, V)
+        finally:
+            del self.step["layers"]
         u = None
         if self.temperature > 0:
             u = torch.tensor([row[2][len(row[1])] for row in self.live], device=dev)  # (b,)
